@@ -1,0 +1,41 @@
+"""ckptdb: transactional PyTorch checkpoints over a SQL catalog (SQLite or PostgreSQL)."""
+
+__version__ = "0.1.0"
+
+from ckptdb.errors import (
+    CatalogError,
+    CatalogUnavailableError,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    InvalidArgumentError,
+    InvalidOperationError,
+    SchemaOutOfDateError,
+    UnsafeCheckpointFileError,
+)
+from ckptdb.manager import FileCheckpointManager
+from ckptdb.options import LoadOptions, RecoveryOptions, SaveOptions
+from ckptdb.retention import AnyOf, KeepBest, KeepEvery, KeepLast
+
+__all__ = [
+    "AnyOf",
+    "CatalogError",
+    "CatalogUnavailableError",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "FileCheckpointManager",
+    "InvalidArgumentError",
+    "InvalidOperationError",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "LoadOptions",
+    "RecoveryOptions",
+    "SaveOptions",
+    "SchemaOutOfDateError",
+    "UnsafeCheckpointFileError",
+    "__version__",
+]

@@ -1,0 +1,154 @@
+"""Engines, SQLite pragmas, transactions and the one place driver errors become ckptdb errors."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session
+
+from ckptdb.errors import (
+    CatalogError,
+    CatalogUnavailableError,
+    ConcurrentModificationError,
+    SchemaOutOfDateError,
+)
+
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def masked(url: str | URL) -> str:
+    """The URL with any password replaced by ``***`` (safe for errors, logs and CLI output)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL: show only its scheme
+        s = str(url)
+        return s.split("://", 1)[0] + "://***" if "://" in s else "<unparsable URL>"
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def parse_url(url: str) -> URL:
+    try:
+        return make_url(url)
+    except exc.ArgumentError as e:
+        raise CatalogUnavailableError(f"invalid catalog URL {masked(url)!r}: {e}") from None
+
+
+def _install_sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = FULL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # Writers take the write lock up front: no deadlock-prone read->write lock upgrades.
+        if conn.get_execution_options().get("ckptdb_readonly"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def get_engine(url: str) -> Engine:
+    """One engine per URL per process (pragmas installed on this engine only)."""
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is not None:
+            return engine
+        parsed = parse_url(url)
+        kwargs: dict[str, Any] = {"future": True}
+        if parsed.get_backend_name() == "sqlite":
+            db = parsed.database
+            if db and db != ":memory:":
+                parent = Path(db).expanduser().parent
+                if not parent.is_dir():
+                    raise CatalogUnavailableError(f"catalog {masked(url)}: directory {str(parent)!r} does not exist")
+            kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+        else:
+            kwargs["pool_pre_ping"] = True
+            kwargs["pool_size"] = 2
+            kwargs["max_overflow"] = 4
+            if parsed.get_backend_name() == "postgresql":
+                kwargs["connect_args"] = {"connect_timeout": 10}
+        try:
+            engine = create_engine(parsed, **kwargs)
+        except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as e:
+            raise CatalogUnavailableError(f"catalog {masked(url)}: {e}") from None
+        if parsed.get_backend_name() == "sqlite":
+            _install_sqlite_pragmas(engine)
+        _engines[url] = engine
+        return engine
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection (tests; after fork)."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def translate(error: Exception, url: str) -> CatalogError:
+    """Map a SQLAlchemy / driver error to a ckptdb error that names the (masked) catalog."""
+    orig = getattr(error, "orig", None)
+    detail = (str(orig) if orig is not None else str(error)).strip().splitlines()
+    first = detail[0] if detail else type(error).__name__
+    where = masked(url)
+    if isinstance(error, exc.IntegrityError):
+        return ConcurrentModificationError(f"catalog {where}: conflicting change: {first}")
+    low = first.lower()
+    if "no such table" in low or ("relation" in low and "does not exist" in low):
+        return SchemaOutOfDateError(
+            f"catalog {where} has no ckptdb schema (or an old one): run `ckptdb db upgrade --url {where}`"
+        )
+    if isinstance(error, exc.OperationalError | exc.InterfaceError | exc.DisconnectionError):
+        if "locked" in low or "busy" in low:
+            return CatalogError(f"catalog {where} stayed locked by another process: {first}")
+        return CatalogUnavailableError(f"catalog {where} is unavailable: {first}")
+    if isinstance(error, exc.DBAPIError | exc.SQLAlchemyError):
+        return CatalogError(f"catalog {where}: {first}")
+    return CatalogError(f"catalog {where}: {first}")
+
+
+class CatalogSession:
+    """Transactions over one catalog URL; errors come out as ckptdb errors."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = get_engine(url)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def transaction(self, *, readonly: bool = False) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back (and translated) on error."""
+        try:
+            with self.engine.connect() as conn:
+                if readonly:
+                    conn = conn.execution_options(ckptdb_readonly=True)
+                with Session(bind=conn, expire_on_commit=False) as session:
+                    try:
+                        yield session
+                        session.commit()
+                    except BaseException:
+                        session.rollback()
+                        raise
+        except exc.SQLAlchemyError as e:
+            raise translate(e, self.url) from e

@@ -1,0 +1,584 @@
+"""Catalog operations: every read and write the rest of ckptdb makes, each one transaction.
+
+State moves are conditional updates (``UPDATE ... WHERE state = <expected>``): when two
+processes race for the same row (a trainer committing, a ``gc`` rolling back a writer it thinks
+is dead) exactly one wins and the other gets :class:`ConcurrentModificationError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from ckptdb.catalog import migrate
+from ckptdb.catalog.models import (
+    LIVE_STATES,
+    Checkpoint,
+    CheckpointEvent,
+    Pin,
+    Run,
+    Score,
+    Shard,
+    State,
+    utcnow,
+)
+from ckptdb.catalog.session import CatalogSession, masked
+from ckptdb.catalog.values import CheckpointInfo, RunInfo, ShardInfo, WriterInfo
+from ckptdb.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConcurrentModificationError,
+    InvalidArgumentError,
+    InvalidOperationError,
+)
+
+_LIVE = [s.value for s in LIVE_STATES]
+
+
+def _score_columns(value: float) -> tuple[float | None, str]:
+    raw = repr(float(value))
+    return (float(value) if math.isfinite(value) else None), raw
+
+
+def _run_info(r: Run) -> RunInfo:
+    return RunInfo(r.id, r.name, r.checkpoint_dir, r.created_at, r.model_metadata)
+
+
+def _ckpt_info(c: Checkpoint, scores: Mapping[str, float | None] | None = None) -> CheckpointInfo:
+    return CheckpointInfo(
+        id=c.id,
+        run_id=c.run_id,
+        step_nr=c.step_nr,
+        state=State(c.state).value,
+        token=c.token,
+        directory=c.directory,
+        created_at=c.created_at,
+        committed_at=c.committed_at,
+        writer_host=c.writer_host,
+        writer_pid=c.writer_pid,
+        writer_start_time=c.writer_start_time,
+        heartbeat_at=c.heartbeat_at,
+        world_size=c.world_size,
+        hash_algorithm=c.hash_algorithm,
+        total_bytes=c.total_bytes,
+        file_count=c.file_count,
+        model_preserved=c.model_preserved,
+        deleted_at=c.deleted_at,
+        delete_reason=c.delete_reason,
+        verified_at=c.verified_at,
+        verify_result=c.verify_result,
+        ckptdb_version=c.ckptdb_version,
+        torch_version=c.torch_version,
+        user_metadata=c.user_metadata,
+        scores=dict(scores or {}),
+    )
+
+
+class Catalog:
+    """One catalog database. ``Catalog(url)`` creates a new database's schema, refuses an old one."""
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = url
+        self.db = CatalogSession(url)
+        migrate.ensure_schema(url, create=create)
+
+    def __repr__(self) -> str:
+        return f"Catalog({masked(self.url)!r})"
+
+    # -- events -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _event(s: Session, ckpt_id: int, frm: str | None, to: str, reason: str | None, writer: tuple[str, int]) -> None:
+        s.add(
+            CheckpointEvent(
+                checkpoint_id=ckpt_id,
+                from_state=frm,
+                to_state=to,
+                reason=reason,
+                host=writer[0],
+                pid=writer[1],
+            )
+        )
+
+    @staticmethod
+    def _move(
+        s: Session,
+        ckpt_id: int,
+        frm: State | Sequence[State],
+        to: State,
+        *,
+        reason: str | None,
+        who: tuple[str, int],
+        **values: Any,
+    ) -> str:
+        """Conditionally move a row between states; returns the state it left."""
+        frms = [frm] if isinstance(frm, State) else list(frm)
+        row = s.execute(select(Checkpoint.state).where(Checkpoint.id == ckpt_id)).scalar_one_or_none()
+        if row is None or State(row) not in frms:
+            raise ConcurrentModificationError(
+                f"checkpoint #{ckpt_id} is {State(row).value if row else 'gone'}, "
+                f"expected {'/'.join(f.value for f in frms)}: another process changed it"
+            )
+        now = utcnow()
+        res = s.execute(
+            update(Checkpoint)
+            .where(Checkpoint.id == ckpt_id, Checkpoint.state == State(row))
+            .values(state=to, state_changed_at=now, **values)
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            raise ConcurrentModificationError(f"checkpoint #{ckpt_id} changed under us")
+        Catalog._event(s, ckpt_id, State(row).value, to.value, reason, who)
+        return State(row).value
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def ensure_run(self, name: str, checkpoint_dir: str) -> RunInfo:
+        with self.db.transaction() as s:
+            run = s.execute(select(Run).where(Run.name == name)).scalar_one_or_none()
+            if run is None:
+                run = Run(name=name, checkpoint_dir=checkpoint_dir)
+                s.add(run)
+                s.flush()
+            elif run.checkpoint_dir != checkpoint_dir:
+                raise InvalidArgumentError(
+                    f"run {name!r} already exists in this catalog with checkpoint_dir "
+                    f"{run.checkpoint_dir!r}, not {checkpoint_dir!r}; pass run= to name a different run"
+                )
+            return _run_info(run)
+
+    def get_run(self, name: str) -> RunInfo:
+        with self.db.transaction(readonly=True) as s:
+            run = s.execute(select(Run).where(Run.name == name)).scalar_one_or_none()
+            if run is None:
+                raise CheckpointNotFoundError(f"no run named {name!r} in catalog {masked(self.url)}")
+            return _run_info(run)
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        """One summary row per run: committed count, newest committed step, bytes."""
+        live = (
+            select(
+                Checkpoint.run_id,
+                func.count().label("committed"),
+                func.max(Checkpoint.step_nr).label("last_step"),
+                func.coalesce(func.sum(Checkpoint.total_bytes), 0).label("bytes"),
+            )
+            .where(Checkpoint.state == State.COMMITTED)
+            .group_by(Checkpoint.run_id)
+            .subquery()
+        )
+        q = (
+            select(Run, live.c.committed, live.c.last_step, live.c.bytes)
+            .outerjoin(live, live.c.run_id == Run.id)
+            .order_by(Run.name)
+        )
+        with self.db.transaction(readonly=True) as s:
+            return [
+                {
+                    "run": r.name,
+                    "checkpoint_dir": r.checkpoint_dir,
+                    "committed": c or 0,
+                    "last_step": ls,
+                    "bytes": int(b or 0),
+                    "created_at": r.created_at,
+                }
+                for r, c, ls, b in s.execute(q)
+            ]
+
+    def set_model_metadata(self, run_id: int, metadata: dict[str, Any]) -> None:
+        with self.db.transaction() as s:
+            s.execute(update(Run).where(Run.id == run_id).values(model_metadata=metadata, model_metadata_at=utcnow()))
+
+    # -- checkpoint lifecycle -----------------------------------------------------------------
+
+    def begin(
+        self,
+        run_id: int,
+        step_nr: int,
+        token: str,
+        directory: str,
+        writer: WriterInfo,
+        *,
+        hash_algorithm: str,
+        overwrite: bool,
+    ) -> CheckpointInfo:
+        """Insert the pending row (before any file is written)."""
+        with self.db.transaction() as s:
+            pending = s.execute(
+                select(Checkpoint).where(
+                    Checkpoint.run_id == run_id,
+                    Checkpoint.step_nr == step_nr,
+                    Checkpoint.state == State.PENDING,
+                )
+            ).scalar_one_or_none()
+            if pending is not None:
+                raise InvalidOperationError(
+                    f"step {step_nr} is already being written by {pending.writer_host} pid {pending.writer_pid}"
+                )
+            live = s.execute(
+                select(Checkpoint).where(
+                    Checkpoint.run_id == run_id, Checkpoint.step_nr == step_nr, Checkpoint.state.in_(_LIVE)
+                )
+            ).scalar_one_or_none()
+            if live is not None and not overwrite:
+                raise CheckpointExistsError(
+                    f"step {step_nr} already has a {State(live.state).value} checkpoint; pass "
+                    "overwrite=True to replace it (the old copy is kept until the new one commits)",
+                    step_nr=step_nr,
+                )
+            if live is not None and State(live.state) == State.DELETING:
+                raise InvalidOperationError(f"step {step_nr} is being deleted; retry after it finishes")
+            c = Checkpoint(
+                run_id=run_id,
+                step_nr=step_nr,
+                state=State.PENDING,
+                token=token,
+                directory=directory,
+                writer_host=writer.host,
+                writer_pid=writer.pid,
+                writer_start_time=writer.start_time,
+                ckptdb_version=writer.ckptdb_version,
+                torch_version=writer.torch_version,
+                python_version=writer.python_version,
+                world_size=writer.world_size,
+                hash_algorithm=hash_algorithm,
+                model_preserved=False,
+            )
+            s.add(c)
+            s.flush()
+            self._event(s, c.id, None, State.PENDING.value, "begin_checkpoint", (writer.host, writer.pid))
+            return _ckpt_info(c)
+
+    def heartbeat(self, ckpt_id: int) -> None:
+        with self.db.transaction() as s:
+            s.execute(
+                update(Checkpoint)
+                .where(Checkpoint.id == ckpt_id, Checkpoint.state == State.PENDING)
+                .values(heartbeat_at=utcnow())
+            )
+
+    def commit(
+        self,
+        ckpt_id: int,
+        files: Iterable[ShardInfo],
+        scores: Mapping[str, float],
+        user_metadata: dict[str, Any] | None,
+        who: tuple[str, int],
+    ) -> CheckpointInfo:
+        """pending -> committed with every shard and score, superseding an older copy of the step."""
+        files = list(files)
+        with self.db.transaction() as s:
+            c = s.get(Checkpoint, ckpt_id)
+            if c is None or State(c.state) != State.PENDING:
+                raise ConcurrentModificationError(
+                    f"checkpoint #{ckpt_id} is no longer pending "
+                    f"({State(c.state).value if c else 'gone'}): it was rolled back by another process"
+                )
+            old = s.execute(
+                select(Checkpoint).where(
+                    Checkpoint.run_id == c.run_id,
+                    Checkpoint.step_nr == c.step_nr,
+                    Checkpoint.state.in_(_LIVE),
+                )
+            ).scalar_one_or_none()
+            if old is not None:
+                self._move(
+                    s,
+                    old.id,
+                    [State(old.state)],
+                    State.SUPERSEDED,
+                    reason=f"overwritten by checkpoint #{ckpt_id}",
+                    who=who,
+                )
+            # a model-only leftover of a deleted copy is replaced too
+            s.execute(
+                update(Shard)
+                .where(
+                    Shard.checkpoint_id.in_(
+                        select(Checkpoint.id).where(
+                            Checkpoint.run_id == c.run_id,
+                            Checkpoint.step_nr == c.step_nr,
+                            Checkpoint.model_preserved.is_(True),
+                        )
+                    ),
+                    Shard.removed_at.is_(None),
+                )
+                .values(removed_at=utcnow())
+            )
+            s.execute(
+                update(Checkpoint)
+                .where(
+                    Checkpoint.run_id == c.run_id,
+                    Checkpoint.step_nr == c.step_nr,
+                    Checkpoint.model_preserved.is_(True),
+                )
+                .values(model_preserved=False)
+            )
+            for f in files:
+                s.add(
+                    Shard(
+                        checkpoint_id=ckpt_id,
+                        path=f.path,
+                        size_bytes=f.size_bytes,
+                        hash_algorithm=f.hash_algorithm,
+                        digest=f.digest,
+                        rank=f.rank,
+                        kind=f.kind,
+                    )
+                )
+            for metric, value in scores.items():
+                v, raw = _score_columns(value)
+                s.add(Score(checkpoint_id=ckpt_id, metric=metric, value=v, raw_value=raw))
+            now = utcnow()
+            self._move(
+                s,
+                ckpt_id,
+                State.PENDING,
+                State.COMMITTED,
+                reason="commit_checkpoint",
+                who=who,
+                committed_at=now,
+                total_bytes=sum(f.size_bytes for f in files),
+                file_count=len(files),
+                user_metadata=user_metadata,
+            )
+            s.flush()
+            s.refresh(c)
+            return _ckpt_info(c, {m: _score_columns(v)[0] for m, v in scores.items()})
+
+    def abort(self, ckpt_id: int, reason: str, who: tuple[str, int]) -> bool:
+        """pending -> aborted; False when the row was no longer pending."""
+        try:
+            with self.db.transaction() as s:
+                self._move(s, ckpt_id, State.PENDING, State.ABORTED, reason=reason, who=who)
+            return True
+        except ConcurrentModificationError:
+            return False
+
+    def mark_deleting(self, ckpt_id: int, reason: str, who: tuple[str, int], *, preserve_model: bool) -> None:
+        with self.db.transaction() as s:
+            self._move(
+                s,
+                ckpt_id,
+                [State.COMMITTED, State.CORRUPT, State.MISSING],
+                State.DELETING,
+                reason=reason,
+                who=who,
+                delete_reason=reason,
+                model_preserved=preserve_model,
+            )
+
+    def mark_deleted(self, ckpt_id: int, who: tuple[str, int], *, kept_paths: Iterable[str] = ()) -> None:
+        kept = list(kept_paths)
+        with self.db.transaction() as s:
+            now = utcnow()
+            reason = s.execute(select(Checkpoint.delete_reason).where(Checkpoint.id == ckpt_id)).scalar_one()
+            q = update(Shard).where(Shard.checkpoint_id == ckpt_id, Shard.removed_at.is_(None))
+            if kept:
+                q = q.where(Shard.path.not_in(kept))
+            s.execute(q.values(removed_at=now))
+            self._move(
+                s,
+                ckpt_id,
+                State.DELETING,
+                State.DELETED,
+                reason=reason,
+                who=who,
+                deleted_at=now,
+                model_preserved=bool(kept),
+            )
+
+    def mark_damaged(self, ckpt_id: int, state: State, reason: str, who: tuple[str, int]) -> bool:
+        """committed -> corrupt / missing (only from committed: a concurrent delete wins)."""
+        try:
+            with self.db.transaction() as s:
+                self._move(
+                    s,
+                    ckpt_id,
+                    [State.COMMITTED, State.CORRUPT, State.MISSING],
+                    state,
+                    reason=reason,
+                    who=who,
+                    verified_at=utcnow(),
+                    verify_result=state.value,
+                )
+            return True
+        except ConcurrentModificationError:
+            return False
+
+    def record_verified(self, ckpt_id: int, result: str) -> None:
+        with self.db.transaction() as s:
+            s.execute(
+                update(Checkpoint).where(Checkpoint.id == ckpt_id).values(verified_at=utcnow(), verify_result=result)
+            )
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def _scores_for(self, s: Session, ids: Sequence[int]) -> dict[int, dict[str, float | None]]:
+        out: dict[int, dict[str, float | None]] = {i: {} for i in ids}
+        if not ids:
+            return out
+        for cid, metric, value, raw in s.execute(
+            select(Score.checkpoint_id, Score.metric, Score.value, Score.raw_value).where(Score.checkpoint_id.in_(ids))
+        ):
+            out[cid][metric] = value if value is not None else float(raw)
+        return out
+
+    def checkpoints(
+        self,
+        run_id: int,
+        *,
+        states: Sequence[str] | None = None,
+        step_nr: int | None = None,
+        with_scores: bool = True,
+    ) -> list[CheckpointInfo]:
+        q = select(Checkpoint).where(Checkpoint.run_id == run_id)
+        if states is not None:
+            q = q.where(Checkpoint.state.in_(list(states)))
+        if step_nr is not None:
+            q = q.where(Checkpoint.step_nr == step_nr)
+        q = q.order_by(Checkpoint.step_nr, Checkpoint.id)
+        with self.db.transaction(readonly=True) as s:
+            rows = list(s.execute(q).scalars())
+            scores = self._scores_for(s, [r.id for r in rows]) if with_scores else {}
+            return [_ckpt_info(r, scores.get(r.id)) for r in rows]
+
+    def live(self, run_id: int, step_nr: int) -> CheckpointInfo | None:
+        rows = self.checkpoints(run_id, states=_LIVE, step_nr=step_nr)
+        return rows[0] if rows else None
+
+    def committed_steps(self, run_id: int) -> list[int]:
+        with self.db.transaction(readonly=True) as s:
+            return list(
+                s.execute(
+                    select(Checkpoint.step_nr)
+                    .where(Checkpoint.run_id == run_id, Checkpoint.state == State.COMMITTED)
+                    .order_by(Checkpoint.step_nr)
+                ).scalars()
+            )
+
+    def newest_committed(self, run_id: int, *, below: int | None = None) -> CheckpointInfo | None:
+        q = select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.state == State.COMMITTED)
+        if below is not None:
+            q = q.where(Checkpoint.step_nr < below)
+        q = q.order_by(Checkpoint.step_nr.desc()).limit(1)
+        with self.db.transaction(readonly=True) as s:
+            c = s.execute(q).scalar_one_or_none()
+            return None if c is None else _ckpt_info(c, self._scores_for(s, [c.id])[c.id])
+
+    def shards(self, ckpt_id: int, *, include_removed: bool = False) -> list[ShardInfo]:
+        q = select(Shard).where(Shard.checkpoint_id == ckpt_id).order_by(Shard.path)
+        if not include_removed:
+            q = q.where(Shard.removed_at.is_(None))
+        with self.db.transaction(readonly=True) as s:
+            return [
+                ShardInfo(x.path, x.size_bytes, x.hash_algorithm, x.digest, x.rank, x.kind, x.removed_at is not None)
+                for x in s.execute(q).scalars()
+            ]
+
+    def tokens(self, run_id: int) -> dict[str, CheckpointInfo]:
+        """Every checkpoint row of the run by its token (for reconciling directories)."""
+        return {c.token: c for c in self.checkpoints(run_id, with_scores=False)}
+
+    def pinned_steps(self, run_id: int) -> dict[int, list[str]]:
+        with self.db.transaction(readonly=True) as s:
+            out: dict[int, list[str]] = {}
+            for step, label in s.execute(select(Pin.step_nr, Pin.label).where(Pin.run_id == run_id)):
+                out.setdefault(step, []).append(label)
+            return out
+
+    def pin(self, run_id: int, step_nr: int, label: str) -> None:
+        with self.db.transaction() as s:
+            if (
+                s.execute(
+                    select(Checkpoint.id).where(
+                        Checkpoint.run_id == run_id,
+                        Checkpoint.step_nr == step_nr,
+                        Checkpoint.state.in_(_LIVE),
+                    )
+                ).first()
+                is None
+            ):
+                raise CheckpointNotFoundError(f"step {step_nr} has no committed checkpoint to pin", step_nr=step_nr)
+            existing = s.execute(select(Pin).where(Pin.run_id == run_id, Pin.label == label)).scalar_one_or_none()
+            if existing is not None:
+                existing.step_nr = step_nr
+                existing.created_at = utcnow()
+            else:
+                s.add(Pin(run_id=run_id, step_nr=step_nr, label=label))
+
+    def unpin(self, run_id: int, label: str) -> bool:
+        with self.db.transaction() as s:
+            p = s.execute(select(Pin).where(Pin.run_id == run_id, Pin.label == label)).scalar_one_or_none()
+            if p is None:
+                return False
+            s.delete(p)
+            return True
+
+    # -- retention decisions (one query each, index-backed) -----------------------------------
+
+    def committed_newest_first(self, run_id: int) -> list[tuple[int, int]]:
+        """(step_nr, id) of committed checkpoints, newest first."""
+        with self.db.transaction(readonly=True) as s:
+            return [
+                (a, b)
+                for a, b in s.execute(
+                    select(Checkpoint.step_nr, Checkpoint.id)
+                    .where(Checkpoint.run_id == run_id, Checkpoint.state == State.COMMITTED)
+                    .order_by(Checkpoint.step_nr.desc())
+                )
+            ]
+
+    def ranked_by_score(self, run_id: int, metric: str, *, lower_better: bool) -> list[tuple[int, float]]:
+        """(step_nr, value) of committed checkpoints with a finite score, best first; ties: later step first."""
+        order = Score.value.asc() if lower_better else Score.value.desc()
+        with self.db.transaction(readonly=True) as s:
+            return [
+                (a, b)
+                for a, b in s.execute(
+                    select(Checkpoint.step_nr, Score.value)
+                    .join(Score, Score.checkpoint_id == Checkpoint.id)
+                    .where(
+                        Checkpoint.run_id == run_id,
+                        Checkpoint.state == State.COMMITTED,
+                        Score.metric == metric,
+                        Score.value.is_not(None),
+                    )
+                    .order_by(order, Checkpoint.step_nr.desc())
+                )
+            ]
+
+    def now(self) -> datetime:
+        return utcnow()
+
+    def by_tokens(self, tokens: Iterable[str]) -> dict[str, CheckpointInfo]:
+        toks = list(set(tokens))
+        out: dict[str, CheckpointInfo] = {}
+        with self.db.transaction(readonly=True) as s:
+            for i in range(0, len(toks), 500):
+                for c in s.execute(select(Checkpoint).where(Checkpoint.token.in_(toks[i : i + 500]))).scalars():
+                    out[c.token] = _ckpt_info(c)
+        return out
+
+    def in_states(self, run_id: int, states: Sequence[State]) -> list[CheckpointInfo]:
+        return self.checkpoints(run_id, states=[s.value for s in states], with_scores=False)
+
+    def preserved_model(self, run_id: int, step_nr: int) -> CheckpointInfo | None:
+        with self.db.transaction(readonly=True) as s:
+            c = s.execute(
+                select(Checkpoint)
+                .where(
+                    Checkpoint.run_id == run_id,
+                    Checkpoint.step_nr == step_nr,
+                    Checkpoint.state == State.DELETED,
+                    Checkpoint.model_preserved.is_(True),
+                )
+                .order_by(Checkpoint.id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+            return None if c is None else _ckpt_info(c)

@@ -1,0 +1,69 @@
+"""Small frozen values the catalog hands out; the ORM never leaves the catalog package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    id: int
+    name: str
+    checkpoint_dir: str
+    created_at: datetime
+    model_metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ShardInfo:
+    path: str
+    size_bytes: int
+    hash_algorithm: str
+    digest: str
+    rank: int = 0
+    kind: str = "state"
+    removed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WriterInfo:
+    """Who writes a checkpoint: recorded for reproducibility and for dead-writer detection."""
+
+    host: str
+    pid: int
+    start_time: int | None
+    ckptdb_version: str
+    torch_version: str
+    python_version: str
+    world_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    id: int
+    run_id: int
+    step_nr: int
+    state: str
+    token: str
+    directory: str
+    created_at: datetime
+    committed_at: datetime | None
+    writer_host: str
+    writer_pid: int
+    writer_start_time: int | None
+    heartbeat_at: datetime
+    world_size: int
+    hash_algorithm: str
+    total_bytes: int | None
+    file_count: int | None
+    model_preserved: bool
+    deleted_at: datetime | None = None
+    delete_reason: str | None = None
+    verified_at: datetime | None = None
+    verify_result: str | None = None
+    ckptdb_version: str = ""
+    torch_version: str = ""
+    user_metadata: dict[str, Any] | None = None
+    scores: dict[str, float | None] = field(default_factory=dict)

@@ -1,0 +1,788 @@
+"""FileCheckpointManager: fairseq2's checkpoint API over a transactional SQL catalog.
+
+Call order for one checkpoint (the commit protocol, with every crash window, is in
+docs/architecture.md)::
+
+    begin_checkpoint(step_nr)      catalog: insert row 'pending'        disk: mkdir step_N.tmp-<token>/
+    save_state(state)                                                   disk: write + hash + fsync files
+    save_metadata(mapping)?                                             disk: metadata.pt
+    save_score(value, metric=)?    (kept in memory until the commit)
+    commit_checkpoint()                                                 disk: fsync, rename to step_N/
+                                   catalog: 'pending' -> 'committed' with every file's size and digest
+      | abort_checkpoint()         catalog: 'pending' -> 'aborted'      disk: remove step_N.tmp-<token>/
+
+Example:
+    >>> manager = FileCheckpointManager(checkpoint_dir=Path("checkpoints"))
+    >>> manager.begin_checkpoint(step_nr=1000)
+    >>> manager.save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "step_nr": 1000})
+    >>> manager.save_score(valid_loss)
+    >>> manager.commit_checkpoint()
+    >>> step_nr, state = manager.load_last_checkpoint()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import secrets
+from collections.abc import Callable, Mapping, Set
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import yaml
+
+from ckptdb import __version__, _proc, validation
+from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, ShardInfo, WriterInfo
+from ckptdb.catalog.models import State
+from ckptdb.catalog.session import masked, sqlite_url
+from ckptdb.distributed import Gang, LocalGang, as_gang, run_on_all
+from ckptdb.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    InvalidArgumentError,
+    InvalidOperationError,
+    UnsafeCheckpointFileError,
+)
+from ckptdb.options import LoadOptions, RecoveryOptions, SaveOptions
+from ckptdb.recovery import (
+    RecoveryReport,
+    finish_delete,
+    hold_token,
+    read_owner,
+    recover_run,
+    release_token,
+)
+from ckptdb.storage import layout
+from ckptdb.storage.hashing import new_hasher
+from ckptdb.storage.reader import check_file, load_torch
+from ckptdb.storage.safety import check_weights_only_safe
+from ckptdb.storage.writer import FileRecord, StepWriter, publish, remove_tree, write_text_atomic
+
+log = logging.getLogger("ckptdb")
+T = TypeVar("T")
+
+_NOT_STATE_FILES = {layout.SCORE_FILE, layout.TOKEN_FILE}
+
+
+def default_run_name(checkpoint_dir: Path) -> str:
+    """A run is named after its checkpoint directory's absolute path (unique on a shared catalog)."""
+    name = str(checkpoint_dir)
+    return name if len(name) <= validation.MAX_NAME else "…" + name[-(validation.MAX_NAME - 1) :]
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON rendering of a metadata mapping for the catalog (tensors summarised, objects repr'd)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1:
+            return value.item()
+        return {"tensor": {"shape": list(value.shape), "dtype": str(value.dtype)}}
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return repr(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)
+
+
+@dataclasses.dataclass
+class _Open:
+    """The checkpoint being written by this manager."""
+
+    info: CheckpointInfo | None  # None on non-coordinator ranks
+    step_nr: int
+    token: str
+    writer: StepWriter
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)
+    user_metadata: dict[str, Any] | None = None
+
+
+class FileCheckpointManager:
+    """Saves and loads training checkpoints in ``checkpoint_dir/step_<N>/`` with a SQL catalog.
+
+    Args:
+        checkpoint_dir: where step directories live (created if missing).
+        catalog: SQLAlchemy URL of the catalog. Default: env ``CKPTDB_URL``, else
+            ``sqlite:///<checkpoint_dir>/catalog.db``.
+        run: the run's name in the catalog. Default: the absolute path of ``checkpoint_dir``.
+        gang: ``None`` (one process), a ``torch.distributed`` ProcessGroup, or a ckptdb gang.
+        dp_gang, tp_gang: data- and tensor-parallel gangs (fairseq2's per-rank layout); given
+            together.
+        save_options, load_options, recovery_options: see :mod:`ckptdb.options`.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: Path | str,
+        *,
+        catalog: str | None = None,
+        run: str | None = None,
+        gang: Any = None,
+        dp_gang: Any = None,
+        tp_gang: Any = None,
+        save_options: SaveOptions | None = None,
+        load_options: LoadOptions | None = None,
+        recovery_options: RecoveryOptions | None = None,
+    ) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir).expanduser().resolve()
+        self.gang: Gang = as_gang(gang)
+        if (dp_gang is None) != (tp_gang is None):
+            raise InvalidArgumentError("dp_gang and tp_gang must be given together")
+        self.dp_gang: Gang = as_gang(dp_gang) if dp_gang is not None else self.gang
+        self.tp_gang: Gang = as_gang(tp_gang) if tp_gang is not None else LocalGang()
+        self.save_options = save_options or SaveOptions()
+        self.load_options = load_options or LoadOptions()
+        self.recovery_options = recovery_options or RecoveryOptions()
+        new_hasher(self.save_options.hash_algorithm)  # fail early on an unknown algorithm
+        self.url = catalog or os.environ.get("CKPTDB_URL") or sqlite_url(self.checkpoint_dir / layout.CATALOG_FILE)
+        self.run_name = validation.name(run if run is not None else default_run_name(self.checkpoint_dir), "run")
+        self._who = (_proc.hostname(), os.getpid())
+        self._open: _Open | None = None
+        self._catalog: Catalog | None = None
+        self.last_recovery: RecoveryReport | None = None
+        self._run: RunInfo = self._on_coordinator(self._open_catalog, "opening the catalog")
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.gang.rank == 0
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            raise InvalidOperationError("only the coordinator rank (rank 0) talks to the catalog")
+        return self._catalog
+
+    @property
+    def run(self) -> RunInfo:
+        return self._run
+
+    def _on_coordinator(self, fn: Callable[[], T], what: str) -> T:
+        """Run ``fn`` on rank 0 and give every rank its result, or its error (same type everywhere)."""
+        if self.gang.size == 1:
+            return fn()
+        outcome: tuple[bool, Any] = (True, None)
+        if self.is_coordinator:
+            try:
+                outcome = (True, fn())
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                outcome = (False, e)
+        ok, value = self.gang.broadcast_object(outcome)
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def _open_catalog(self) -> RunInfo:
+        if not self.checkpoint_dir.exists():
+            try:
+                self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"cannot create checkpoint_dir {str(self.checkpoint_dir)!r}: {e}") from e
+        if not self.checkpoint_dir.is_dir():
+            raise InvalidArgumentError(f"checkpoint_dir {str(self.checkpoint_dir)!r} is not a directory")
+        self._catalog = Catalog(self.url)
+        run = self._catalog.ensure_run(self.run_name, str(self.checkpoint_dir))
+        if self.recovery_options.on_open:
+            self.last_recovery = self._recover(run)
+        return run
+
+    def _recover(self, run: RunInfo) -> RecoveryReport | None:
+        if not os.access(self.checkpoint_dir, os.W_OK):
+            log.warning("ckptdb: %s is read-only; skipping recovery (loads still work)", self.checkpoint_dir)
+            return None
+        return recover_run(
+            self.catalog,
+            run,
+            self.checkpoint_dir,
+            self._who,
+            stale_after=self.recovery_options.stale_after,
+            fsync=self.save_options.fsync,
+        )
+
+    def recover(self) -> RecoveryReport | None:
+        """Roll back dead writers' pending checkpoints and remove debris (done on open)."""
+        return self._on_coordinator(lambda: self._recover(self._run), "recovery")
+
+    def _writer_info(self) -> WriterInfo:
+        return WriterInfo(
+            host=self._who[0],
+            pid=self._who[1],
+            start_time=_proc.process_start_time(self._who[1]),
+            ckptdb_version=__version__,
+            torch_version=torch.__version__,
+            python_version=platform.python_version(),
+            world_size=self.gang.size,
+        )
+
+    def _require_open(self) -> _Open:
+        if self._open is None:
+            raise InvalidOperationError("`begin_checkpoint()` must be called first.")
+        return self._open
+
+    @property
+    def _sfx(self) -> tuple[int, int]:
+        return self.tp_gang.rank, self.tp_gang.size
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def begin_checkpoint(self, step_nr: int, *, overwrite: bool = False) -> None:
+        """Start checkpoint ``step_nr``: a 'pending' catalog row, then a temporary directory.
+
+        Raises:
+            InvalidOperationError: a checkpoint is already open.
+            CheckpointExistsError: ``step_nr`` is committed and ``overwrite`` is False.
+        """
+        if self._open is not None:
+            raise InvalidOperationError("`begin_checkpoint()` has already been called.")
+        step_nr = validation.step_nr(step_nr)
+
+        def coordinator() -> tuple[CheckpointInfo, str]:
+            self._check_step_dir_free(step_nr, overwrite)
+            token = secrets.token_hex(8)
+            info = self.catalog.begin(
+                self._run.id,
+                step_nr,
+                token,
+                layout.step_dir_name(step_nr),
+                self._writer_info(),
+                hash_algorithm=self.save_options.hash_algorithm,
+                overwrite=overwrite,
+            )
+            hold_token(token, self)
+            writer = self._writer(step_nr, token)
+            try:
+                writer.open(create=True)
+            except OSError as e:
+                self.catalog.abort(info.id, f"could not create the step directory: {e}", self._who)
+                release_token(token)
+                raise CheckpointError(
+                    f"step {step_nr}: cannot create {str(writer.tmp_dir)!r}: {e}; nothing was saved"
+                ) from e
+            return info, token
+
+        info, token = self._on_coordinator(coordinator, "begin_checkpoint")
+        self._open = _Open(info if self.is_coordinator else None, step_nr, info.token, self._writer(step_nr, token))
+
+    def _writer(self, step_nr: int, token: str) -> StepWriter:
+        return StepWriter(
+            self.checkpoint_dir,
+            step_nr,
+            token,
+            hash_algorithm=self.save_options.hash_algorithm,
+            fsync=self.save_options.fsync,
+        )
+
+    def _check_step_dir_free(self, step_nr: int, overwrite: bool) -> None:
+        final = self.checkpoint_dir / layout.step_dir_name(step_nr)
+        if not final.exists():
+            return
+        owner = read_owner(final)
+        if owner is not None and owner in self.catalog.by_tokens([owner]):
+            return  # ours: the catalog decides (CheckpointExistsError unless overwrite)
+        live = self.catalog.live(self._run.id, step_nr)
+        if live is not None and owner is None:
+            return  # an adopted (imported) directory
+        raise CheckpointExistsError(
+            f"{str(final)!r} exists but the catalog has no checkpoint for it; adopt it with "
+            f"`ckptdb import` or move it away (ckptdb never deletes files it did not write)",
+            step_nr=step_nr,
+        )
+
+    def _fail(self, op: _Open, what: str, exc: BaseException) -> CheckpointError:
+        """A save step failed on some rank: roll the checkpoint back everywhere."""
+        self._rollback(op, f"{what} failed: {exc}")
+        if isinstance(exc, CheckpointError):
+            return exc
+        return CheckpointError(
+            f"step {op.step_nr}: {what} failed ({exc}); the pending checkpoint was rolled back, "
+            "earlier checkpoints are intact"
+        )
+
+    def _rollback(self, op: _Open, reason: str) -> None:
+        self._open = None
+        if self.is_coordinator and op.info is not None:
+            op.writer.abort()
+            try:
+                self.catalog.abort(op.info.id, reason, self._who)
+            except CheckpointError as e:  # catalog down: the next open rolls it back
+                log.warning("ckptdb: could not record the rollback of step %d: %s", op.step_nr, e)
+            release_token(op.token)
+
+    def _write_all(self, op: _Open, what: str, fn: Callable[[], None]) -> None:
+        try:
+            run_on_all(self.gang, fn, what)
+        except Exception as e:
+            raise self._fail(op, what, e) from e
+
+    def save_state(
+        self,
+        state: Mapping[str, Any],
+        *,
+        model_key: str = "model",
+        replicated_keys: Set[str] | None = None,
+    ) -> None:
+        """Write the training state (fairseq2 layout: ``model.pt``, ``replicated.pt``, ``rank_<dp>.pt``).
+
+        Every value must load under ``torch.load(weights_only=True)``; anything else is refused
+        here, naming its key, and nothing is written.
+        """
+        op = self._require_open()
+        if not isinstance(state, Mapping):
+            raise InvalidArgumentError(f"state must be a mapping, not {type(state).__name__}")
+        check_weights_only_safe(state)
+        state = dict(state)
+        replicated_keys = set(replicated_keys or ())
+        tp_rank, tp_size = self._sfx
+        dp_rank, dp_size = self.dp_gang.rank, self.dp_gang.size
+
+        def write() -> None:
+            rest = dict(state)
+            if model_key in rest and (dp_size == 1 or model_key in replicated_keys or "*" in replicated_keys):
+                model = rest.pop(model_key)
+                if dp_rank == 0:
+                    op.writer.write_torch(
+                        layout.model_file(tp_rank, tp_size),
+                        {model_key: model, "model_key": model_key},
+                        rank=self.gang.rank,
+                        kind="model",
+                    )
+            if replicated_keys:
+                keys = set(rest) if "*" in replicated_keys else replicated_keys & set(rest)
+                replicated = {k: rest.pop(k) for k in sorted(keys)}
+                if dp_rank == 0 and replicated:
+                    op.writer.write_torch(
+                        layout.replicated_file(tp_rank, tp_size), replicated, rank=self.gang.rank, kind="replicated"
+                    )
+            if rest:
+                op.writer.write_torch(
+                    layout.rank_file(dp_rank, tp_rank, tp_size), rest, rank=self.gang.rank, kind="rank"
+                )
+
+        self._write_all(op, "save_state", write)
+        self._heartbeat(op)
+
+    def save_consolidated_fsdp_model(self, model: torch.nn.Module, *, model_key: str = "model") -> None:
+        """Write the full model state dict (gathered to rank 0) as ``model.pt``.
+
+        The result loads later in one process without any process group. Works for plain modules
+        and FSDP2 (``fully_shard``) modules.
+        """
+        op = self._require_open()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        def write() -> None:
+            if self.gang.size > 1:
+                sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            else:
+                sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            if self.dp_gang.rank == 0:
+                op.writer.write_torch(
+                    layout.model_file(*self._sfx),
+                    {model_key: sd, "model_key": model_key},
+                    rank=self.gang.rank,
+                    kind="model",
+                )
+
+        self._write_all(op, "save_consolidated_fsdp_model", write)
+
+    def save_metadata(self, metadata: Mapping[str, Any]) -> None:
+        """Store a metadata mapping: ``metadata.pt`` in the step and JSON in the catalog."""
+        op = self._require_open()
+        if not isinstance(metadata, Mapping):
+            raise InvalidArgumentError(f"metadata must be a mapping, not {type(metadata).__name__}")
+        for k in metadata:
+            validation.name(k, "metadata key")
+        check_weights_only_safe(metadata, root="metadata")
+        data = dict(metadata)
+        op.user_metadata = _jsonable(data)
+
+        def write() -> None:
+            if self.dp_gang.rank == 0:
+                op.writer.write_torch(layout.metadata_file(*self._sfx), data, rank=self.gang.rank, kind="metadata")
+
+        self._write_all(op, "save_metadata", write)
+
+    def save_score(self, score: float | None, *, metric: str = "score") -> None:
+        """Record a score for the open checkpoint (several named metrics allowed).
+
+        ``None`` is ignored (fairseq2's convention). NaN and infinities are stored but never rank
+        as "best".
+        """
+        op = self._require_open()
+        if score is None:
+            return
+        op.scores[validation.name(metric, "metric")] = validation.score(score)
+
+    def _heartbeat(self, op: _Open) -> None:
+        if self.is_coordinator and op.info is not None:
+            try:
+                self.catalog.heartbeat(op.info.id)
+            except CheckpointError as e:
+                log.warning("ckptdb: heartbeat failed: %s", e)
+
+    def commit_checkpoint(self) -> None:
+        """Make the open checkpoint durable and visible: fsync, rename, one catalog transaction."""
+        op = self._require_open()
+
+        def write_score() -> None:
+            if self.is_coordinator and "score" in op.scores:
+                op.writer.write_bytes(layout.SCORE_FILE, f"{op.scores['score']}\n".encode(), kind="score")
+
+        self._write_all(op, "commit_checkpoint", write_score)
+        records: list[list[FileRecord]] = self.gang.all_gather_object(list(op.writer.records.values()))
+        if self.gang.size > 1:
+            self.gang.barrier()
+
+        def coordinator() -> CheckpointInfo:
+            assert op.info is not None
+            files: dict[str, ShardInfo] = {}
+            for recs in records:
+                for r in recs:
+                    files[r.path] = ShardInfo(r.path, r.size_bytes, r.hash_algorithm, r.digest, r.rank, r.kind)
+            try:
+                op.writer.finalize()
+                moved = publish(self.checkpoint_dir, op.step_nr, op.token, fsync=self.save_options.fsync)
+            except OSError as e:
+                raise self._fail(op, "commit_checkpoint", e) from e
+            try:
+                info = self.catalog.commit(op.info.id, files.values(), op.scores, op.user_metadata, self._who)
+            except CheckpointError as e:
+                self._undo_publish(op, moved)
+                raise CheckpointError(
+                    f"step {op.step_nr}: the catalog commit failed ({e}); the checkpoint was not committed "
+                    "and earlier checkpoints are intact"
+                ) from e
+            if moved:
+                remove_tree(
+                    self.checkpoint_dir / layout.old_dir_name(op.step_nr, op.token), fsync=self.save_options.fsync
+                )
+            return info
+
+        try:
+            self._on_coordinator(coordinator, "commit_checkpoint")
+        finally:
+            self._open = None
+            release_token(op.token)
+
+    def _undo_publish(self, op: _Open, moved: bool) -> None:
+        """The catalog commit failed after the rename: put the directories back if the row is still ours."""
+        try:
+            rows = self.catalog.by_tokens([op.token])
+        except CheckpointError:
+            return  # catalog unreachable: the next open's recovery decides from the row
+        row = rows.get(op.token)
+        if row is not None and row.state == State.COMMITTED.value:
+            return
+        final = self.checkpoint_dir / layout.step_dir_name(op.step_nr)
+        if read_owner(final) == op.token:
+            remove_tree(final, fsync=self.save_options.fsync)
+        if moved:
+            (self.checkpoint_dir / layout.old_dir_name(op.step_nr, op.token)).rename(final)
+        if row is not None and row.state == State.PENDING.value:
+            self.catalog.abort(row.id, "catalog commit failed", self._who)
+
+    def abort_checkpoint(self) -> None:
+        """Discard the open checkpoint: its temporary directory is removed, its row marked 'aborted'."""
+        op = self._require_open()
+        if self.gang.size > 1:
+            self.gang.barrier()
+        self._rollback(op, "abort_checkpoint")
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _committed(self, step_nr: int) -> tuple[CheckpointInfo, list[ShardInfo]]:
+        live = self.catalog.live(self._run.id, step_nr)
+        if live is None or live.state == State.DELETING.value:
+            raise CheckpointNotFoundError(
+                f"step {step_nr} has no committed checkpoint in run {self.run_name!r}", step_nr=step_nr
+            )
+        if live.state in (State.CORRUPT.value, State.MISSING.value):
+            raise CheckpointCorruptError(
+                step_nr,
+                str(self.checkpoint_dir / live.directory),
+                "an intact checkpoint",
+                f"state {live.state!r} in the catalog",
+                missing=live.state == State.MISSING.value,
+            )
+        return live, self.catalog.shards(live.id)
+
+    def _verify_and_mark(self, info: CheckpointInfo, shards: list[ShardInfo], verify: str) -> None:
+        if verify == "none":
+            return
+        step_dir = self.checkpoint_dir / info.directory
+        try:
+            for s in shards:
+                check_file(
+                    step_dir,
+                    FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest),
+                    info.step_nr,
+                    digest=verify == "digest",
+                )
+        except CheckpointCorruptError as e:
+            self._mark_damaged(info, e)
+            raise
+
+    def _mark_damaged(self, info: CheckpointInfo, e: CheckpointCorruptError) -> None:
+        if not self.is_coordinator:
+            return
+        step_dir = self.checkpoint_dir / info.directory
+        if e.missing and any(self.checkpoint_dir.glob(f"{layout.step_dir_name(info.step_nr)}.old-*")):
+            return  # an overwrite is mid-rename: not damage
+        state = State.MISSING if (e.missing and not step_dir.exists()) else State.CORRUPT
+        try:
+            self.catalog.mark_damaged(info.id, state, str(e), self._who)
+        except CheckpointError as err:
+            log.warning("ckptdb: could not record damage of step %d: %s", info.step_nr, err)
+
+    def load_checkpoint(self, step_nr: int, *, verify: str | None = None) -> dict[str, Any]:
+        """Load a committed checkpoint's state for this rank (model, rank and replicated files merged).
+
+        Raises:
+            CheckpointNotFoundError: no committed checkpoint at ``step_nr``.
+            CheckpointCorruptError: a file's size or digest differs from the catalog (the catalog
+                then records the checkpoint as 'corrupt' or 'missing').
+        """
+        step_nr = validation.step_nr(step_nr)
+        verify = verify or self.load_options.verify
+        info, shards = self._on_coordinator(lambda: self._committed(step_nr), "load_checkpoint")
+        return self._load_state(info, shards, verify)
+
+    def _load_state(self, info: CheckpointInfo, shards: list[ShardInfo], verify: str) -> dict[str, Any]:
+        tp_rank, tp_size = self._sfx
+        wanted = [layout.rank_file(self.dp_gang.rank, tp_rank, tp_size), layout.replicated_file(tp_rank, tp_size)]
+        by_path = {s.path: s for s in shards}
+        mine = [by_path[p] for p in wanted if p in by_path]
+        model = by_path.get(layout.model_file(tp_rank, tp_size))
+
+        def load() -> dict[str, Any]:
+            self._verify_and_mark(info, [*mine, *([model] if model else [])], verify)
+            step_dir = self.checkpoint_dir / info.directory
+            state: dict[str, Any] = {}
+            for s in mine:
+                part = self._load_file(info, step_dir, s)
+                if not isinstance(part, dict):
+                    raise CheckpointCorruptError(info.step_nr, s.path, "a dict", type(part).__name__)
+                state.update(part)
+            if model is not None:
+                part = self._load_file(info, step_dir, model)
+                key = part.get("model_key", "model") if isinstance(part, dict) else "model"
+                if key not in state and isinstance(part, dict) and key in part:
+                    state[key] = part[key]
+            if not state:
+                raise CheckpointNotFoundError(f"step {info.step_nr} has no state for this rank", step_nr=info.step_nr)
+            return state
+
+        return run_on_all(self.gang, load, "load_checkpoint")
+
+    def _load_file(self, info: CheckpointInfo, step_dir: Path, s: ShardInfo) -> Any:
+        try:
+            return load_torch(layout.resolve_inside(step_dir, s.path), info.step_nr, mmap=self.load_options.mmap)
+        except CheckpointCorruptError as e:
+            self._mark_damaged(info, e)
+            raise
+
+    def load_last_checkpoint(self, *, verify: str | None = None) -> tuple[int, dict[str, Any]]:
+        """Load the newest committed checkpoint.
+
+        A corrupt or missing newest checkpoint is skipped (warning; recorded in the catalog) and
+        the next older intact one is loaded, unless ``LoadOptions(fallback=False)``.
+
+        Raises:
+            CheckpointNotFoundError: the run has no committed checkpoint.
+        """
+        verify = verify or self.load_options.verify
+        below: int | None = None
+        while True:
+
+            def newest(below: int | None = below) -> tuple[CheckpointInfo, list[ShardInfo]] | None:
+                c = self.catalog.newest_committed(self._run.id, below=below)
+                return None if c is None else (c, self.catalog.shards(c.id))
+
+            found = self._on_coordinator(newest, "load_last_checkpoint")
+            if found is None:
+                raise CheckpointNotFoundError(
+                    f"run {self.run_name!r} has no committed checkpoint"
+                    + ("" if below is None else f" below step {below} that is intact")
+                )
+            info, shards = found
+            try:
+                return info.step_nr, self._load_state(info, shards, verify)
+            except (CheckpointCorruptError, UnsafeCheckpointFileError) as e:
+                if not self.load_options.fallback:
+                    raise
+                log.warning("ckptdb: step %d is damaged (%s); falling back to an older checkpoint", info.step_nr, e)
+                below = info.step_nr
+
+    def load_metadata(self, step_nr: int) -> dict[str, Any] | None:
+        """The ``save_metadata`` mapping of a committed checkpoint, or None when it has none."""
+        step_nr = validation.step_nr(step_nr)
+        info, shards = self._on_coordinator(lambda: self._committed(step_nr), "load_metadata")
+        s = next((x for x in shards if x.path == layout.metadata_file(*self._sfx)), None)
+        if s is None:
+            return None
+        self._verify_and_mark(info, [s], self.load_options.verify)
+        result = self._load_file(info, self.checkpoint_dir / info.directory, s)
+        return dict(result) if isinstance(result, Mapping) else None
+
+    def has_checkpoint(self, step_nr: int | None = None) -> bool:
+        """Whether ``step_nr`` (or, with None, any step) is committed."""
+        if step_nr is not None:
+            step_nr = validation.step_nr(step_nr)
+        steps = self.get_step_numbers()
+        return bool(steps) if step_nr is None else step_nr in steps
+
+    def get_step_numbers(self) -> list[int]:
+        """Committed steps, ascending (a catalog query; no directory is listed)."""
+        return self._on_coordinator(lambda: self.catalog.committed_steps(self._run.id), "get_step_numbers")
+
+    def get_checkpoints(self) -> list[CheckpointInfo]:
+        """Every checkpoint row of this run (all states), with scores."""
+        return self._on_coordinator(lambda: self.catalog.checkpoints(self._run.id), "get_checkpoints")
+
+    # -- deleting -----------------------------------------------------------------------------
+
+    def delete_checkpoint(
+        self,
+        step_nr: int,
+        *,
+        missing_ok: bool = False,
+        preserve_model: bool = False,
+        reason: str = "manual",
+    ) -> None:
+        """Delete a checkpoint in two phases: mark 'deleting', remove files, mark 'deleted'.
+
+        With ``preserve_model=True`` the model files stay (the catalog records ``model_preserved``).
+        """
+        step_nr = validation.step_nr(step_nr)
+        self._on_coordinator(lambda: self._delete(step_nr, missing_ok, preserve_model, reason), "delete_checkpoint")
+
+    def _delete(self, step_nr: int, missing_ok: bool, preserve_model: bool, reason: str) -> None:
+        live = self.catalog.live(self._run.id, step_nr)
+        if live is None or live.state == State.DELETING.value:
+            if missing_ok:
+                return
+            raise CheckpointNotFoundError(f"step {step_nr} has no committed checkpoint to delete", step_nr=step_nr)
+        self.catalog.mark_deleting(live.id, reason, self._who, preserve_model=preserve_model)
+        info = dataclasses.replace(live, model_preserved=preserve_model)
+        finish_delete(self.catalog, info, self.checkpoint_dir, self._who, fsync=self.save_options.fsync)
+
+    def keep_last_n_checkpoints(self, n: int, *, preserve_model: bool = False) -> list[int]:
+        """Delete all but the newest ``n`` committed checkpoints (pinned ones are never deleted).
+
+        Returns the deleted steps.
+        """
+        from ckptdb import retention
+
+        return self.apply_retention(retention.KeepLast(validation.count(n, "n")), preserve_model=preserve_model)
+
+    def keep_best_n_checkpoints(
+        self,
+        n: int,
+        *,
+        lower_better: bool = False,
+        metric: str = "score",
+        preserve_model: bool = False,
+    ) -> list[int]:
+        """Delete all but the ``n`` best-scored committed checkpoints by ``metric``.
+
+        The newest committed checkpoint (the resume point) and pinned ones are always kept.
+        Unscored, NaN- and inf-scored checkpoints are never "best". Ties: the later step wins.
+        Returns the deleted steps.
+        """
+        from ckptdb import retention
+
+        policy = retention.KeepBest(
+            validation.count(n, "n"), metric=validation.name(metric, "metric"), lower_better=lower_better
+        )
+        return self.apply_retention(policy, preserve_model=preserve_model)
+
+    def apply_retention(self, policy: Any, *, preserve_model: bool = False) -> list[int]:
+        """Apply a retention policy (see :mod:`ckptdb.retention`); returns the deleted steps."""
+        from ckptdb import retention
+
+        def coordinator() -> list[int]:
+            plan = retention.plan(self.catalog, self._run.id, policy)
+            deleted = []
+            for step in plan.delete:
+                try:
+                    self._delete(step, True, preserve_model, f"pruned by {policy}")
+                    deleted.append(step)
+                except CheckpointError as e:  # e.g. a concurrent prune got there first
+                    log.info("ckptdb: retention skipped step %d: %s", step, e)
+            return deleted
+
+        return self._on_coordinator(coordinator, "retention")
+
+    def pin(self, step_nr: int, label: str) -> None:
+        """Protect ``step_nr`` from retention under ``label`` (moving the label if it exists)."""
+        step_nr = validation.step_nr(step_nr)
+        label = validation.name(label, "pin label")
+        self._on_coordinator(lambda: self.catalog.pin(self._run.id, step_nr, label), "pin")
+
+    def unpin(self, label: str) -> bool:
+        label = validation.name(label, "pin label")
+        return self._on_coordinator(lambda: self.catalog.unpin(self._run.id, label), "unpin")
+
+    # -- model metadata -----------------------------------------------------------------------
+
+    def save_model_metadata(
+        self,
+        *,
+        family: str | None = None,
+        config: object = None,
+        base_asset: str | None = None,
+    ) -> None:
+        """Write ``checkpoint_dir/model.yaml`` (fairseq2's asset card) and record it in the catalog."""
+
+        def coordinator() -> None:
+            card: dict[str, Any] = {"name": "checkpoint"}
+            if base_asset is not None:
+                card["base"] = base_asset
+            if family is not None:
+                card["model_family"] = family
+            if config is not None:
+                card["model_config"] = _config_dict(config)
+            if self.tp_gang.size > 1:
+                card["num_shards"] = self.tp_gang.size
+            text = yaml.safe_dump(card, sort_keys=False)
+            write_text_atomic(self.checkpoint_dir / layout.MODEL_METADATA_FILE, text, fsync=self.save_options.fsync)
+            self.catalog.set_model_metadata(self._run.id, card)
+
+        self._on_coordinator(coordinator, "save_model_metadata")
+
+    def close(self) -> None:
+        """Abort an open checkpoint (if any)."""
+        if self._open is not None:
+            self._rollback(self._open, "manager closed with the checkpoint open")
+
+    def __enter__(self) -> FileCheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"FileCheckpointManager({str(self.checkpoint_dir)!r}, catalog={masked(self.url)!r}, run={self.run_name!r})"
+        )
+
+
+def _config_dict(config: object) -> Any:
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    try:
+        return json.loads(json.dumps(config, default=str))
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"model config cannot be written as YAML: {e}") from e
+
+
+__all__ = ["FileCheckpointManager", "default_run_name"]

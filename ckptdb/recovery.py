@@ -1,0 +1,253 @@
+"""Recovery: bring a run's directories back in line with its catalog after a crash.
+
+Run when a manager opens (and by ``ckptdb gc``). Decisions come from catalog rows; the directory
+listing is only used to find debris (``step_<N>.tmp-*``, ``.old-*``, ``.trash-*``) whose owner
+token (the ``.ckptdb_token`` file each ckptdb directory carries) is then looked up in the catalog.
+The full list of crash windows and what this does about each is in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from ckptdb import _proc
+from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo
+from ckptdb.catalog.models import State
+from ckptdb.errors import ConcurrentModificationError
+from ckptdb.storage import layout
+from ckptdb.storage.writer import fsync_dir, remove_tree
+
+log = logging.getLogger("ckptdb.recovery")
+
+# Tokens of checkpoints that a live manager in *this* process is writing.
+_active_tokens: set[str] = set()
+_active_lock = threading.Lock()
+
+
+def hold_token(token: str, owner: object) -> None:
+    with _active_lock:
+        _active_tokens.add(token)
+    weakref.finalize(owner, release_token, token)
+
+
+def release_token(token: str) -> None:
+    with _active_lock:
+        _active_tokens.discard(token)
+
+
+@dataclass
+class RecoveryReport:
+    rolled_back: list[int] = field(default_factory=list)  # steps whose dead writer's pending row was aborted
+    deletions_finished: list[int] = field(default_factory=list)
+    restored: list[int] = field(default_factory=list)  # steps whose committed copy was moved back into place
+    removed: list[str] = field(default_factory=list)  # debris directories removed
+    marked_missing: list[int] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)  # step directories the catalog does not know
+    live_writers: list[int] = field(default_factory=list)  # pending steps of live writers (left alone)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.rolled_back or self.deletions_finished or self.restored or self.removed or self.marked_missing)
+
+
+def writer_alive(c: CheckpointInfo, stale_after: timedelta, now_fn: Callable[[], object]) -> bool:
+    """Is the process that owns a pending row still running?"""
+    if c.writer_host == _proc.hostname() and c.writer_pid == os.getpid():
+        with _active_lock:
+            return c.token in _active_tokens
+    alive = _proc.is_alive(c.writer_host, c.writer_pid, c.writer_start_time)
+    if alive is not None:
+        return alive
+    # another host: trust its heartbeat for stale_after
+    return (now_fn() - c.heartbeat_at) < stale_after  # type: ignore[operator]
+
+
+def read_owner(d: Path) -> str | None:
+    try:
+        return (d / layout.TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def recover_run(
+    catalog: Catalog,
+    run: RunInfo,
+    checkpoint_dir: Path,
+    who: tuple[str, int],
+    *,
+    stale_after: timedelta = timedelta(hours=2),
+    fsync: bool = True,
+    remove_foreign: bool = False,
+) -> RecoveryReport:
+    rep = RecoveryReport()
+    now = catalog.now
+
+    # 1. roll back pending rows whose writer is gone (the claim is a conditional update)
+    live_pending: set[int] = set()
+    for c in catalog.in_states(run.id, [State.PENDING]):
+        if writer_alive(c, stale_after, now):
+            live_pending.add(c.step_nr)
+            rep.live_writers.append(c.step_nr)
+        elif catalog.abort(c.id, f"writer {c.writer_host}:{c.writer_pid} died before commit", who):
+            rep.rolled_back.append(c.step_nr)
+
+    # 2. finish interrupted deletions (idempotent: a racing deleter loses the conditional update)
+    for c in catalog.in_states(run.id, [State.DELETING]):
+        finish_delete(catalog, c, checkpoint_dir, who, fsync=fsync)
+        rep.deletions_finished.append(c.step_nr)
+
+    # 3. reconcile directories step by step
+    if not checkpoint_dir.is_dir():
+        return rep
+    by_step: dict[int, list[Path]] = {}
+    for entry in os.scandir(checkpoint_dir):
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        p = Path(entry.path)
+        wd = layout.parse_work_dir(entry.name)
+        if wd is not None:
+            if wd.kind == "trash":
+                remove_tree(p, fsync=fsync)
+                rep.removed.append(entry.name)
+                continue
+            by_step.setdefault(wd.step_nr, []).append(p)
+            continue
+        step = layout.parse_step_dir(entry.name)
+        if step is not None:
+            by_step.setdefault(step, []).append(p)
+
+    owners = {p: read_owner(p) for ps in by_step.values() for p in ps}
+    rows = catalog.by_tokens(t for t in owners.values() if t)
+    for step, dirs in sorted(by_step.items()):
+        if step in live_pending:
+            continue  # a live writer is mid-protocol on this step: hands off
+        _reconcile_step(
+            catalog, run, checkpoint_dir, step, dirs, owners, rows, who, rep, fsync=fsync, remove_foreign=remove_foreign
+        )
+    if rep.changed:
+        log.warning("ckptdb recovered run %r: %s", run.name, rep)
+    return rep
+
+
+def _reconcile_step(
+    catalog: Catalog,
+    run: RunInfo,
+    checkpoint_dir: Path,
+    step: int,
+    dirs: list[Path],
+    owners: dict[Path, str | None],
+    rows: dict[str, CheckpointInfo],
+    who: tuple[str, int],
+    rep: RecoveryReport,
+    *,
+    fsync: bool,
+    remove_foreign: bool,
+) -> None:
+    final = checkpoint_dir / layout.step_dir_name(step)
+    # directories owned by another run's rows are never ours to touch
+    mine = [
+        d
+        for d in dirs
+        if owners[d] is None or rows.get(owners[d] or "") is None or rows[owners[d] or ""].run_id == run.id
+    ]
+    keeper = catalog.live(run.id, step)
+    if keeper is not None and keeper.state == State.DELETING.value:
+        return
+    if keeper is None:
+        keeper = catalog.preserved_model(run.id, step)
+
+    def owned_by_keeper(d: Path) -> bool:
+        if keeper is None:
+            return False
+        o = owners[d]
+        return o == keeper.token or (o is None and d == final and layout.parse_step_dir(d.name) is not None)
+
+    keeper_dir = next((d for d in mine if d == final and owned_by_keeper(d)), None)
+    if keeper_dir is None and keeper is not None:
+        keeper_dir = next((d for d in mine if owned_by_keeper(d)), None)
+        if keeper_dir is not None:
+            if final.exists():
+                o = owners.get(final)
+                if o is not None and o in rows and rows[o].run_id == run.id:
+                    remove_tree(final, fsync=fsync)
+                    rep.removed.append(final.name)
+                else:
+                    rep.foreign.append(final.name)
+                    return
+            keeper_dir.rename(final)
+            if fsync:
+                fsync_dir(checkpoint_dir)
+            rep.restored.append(step)
+            mine = [final if d == keeper_dir else d for d in mine]
+            owners[final] = keeper.token
+            keeper_dir = final
+        elif not final.exists() and keeper.state == State.COMMITTED.value:
+            if catalog.mark_damaged(keeper.id, State.MISSING, "recovery: step directory is gone", who):
+                rep.marked_missing.append(step)
+
+    for d in mine:
+        if d == keeper_dir:
+            continue
+        o = owners[d]
+        is_final = d == final
+        if o is None and is_final:
+            # no token: a directory ckptdb did not write (or one being adopted)
+            rep.foreign.append(d.name)
+            if remove_foreign:
+                remove_tree(d, fsync=fsync)
+                rep.removed.append(d.name)
+            continue
+        if o is not None and o not in rows and is_final:
+            rep.foreign.append(d.name)  # written by another catalog: leave it
+            continue
+        row = rows.get(o or "")
+        if row is not None and row.state == State.PENDING.value:
+            continue  # pending of a writer judged alive elsewhere: never touch
+        try:
+            remove_tree(d, fsync=fsync)
+            rep.removed.append(d.name)
+        except FileNotFoundError:
+            pass
+
+
+def finish_delete(
+    catalog: Catalog, c: CheckpointInfo, checkpoint_dir: Path, who: tuple[str, int], *, fsync: bool = True
+) -> list[str]:
+    """Phase 2 and 3 of a deletion: remove the files, then mark the row deleted."""
+    step_dir = checkpoint_dir / c.directory
+    kept: list[str] = []
+    owner = read_owner(step_dir) if step_dir.exists() else None
+    if step_dir.exists() and owner not in (None, c.token):
+        step_dir = None  # type: ignore[assignment]  # someone else's copy now lives there: not ours
+    if step_dir is not None and step_dir.exists():
+        if c.model_preserved:
+            for shard in catalog.shards(c.id):
+                if layout.is_model_file(shard.path):
+                    kept.append(shard.path)
+            for entry in sorted(step_dir.rglob("*"), reverse=True):
+                rel = entry.relative_to(step_dir).as_posix()
+                if rel in kept or rel == layout.TOKEN_FILE:
+                    continue
+                if entry.is_dir():
+                    try:
+                        entry.rmdir()
+                    except OSError:
+                        pass
+                else:
+                    entry.unlink(missing_ok=True)
+            if fsync:
+                fsync_dir(step_dir)
+        else:
+            remove_tree(step_dir, fsync=fsync)
+    try:
+        catalog.mark_deleted(c.id, who, kept_paths=kept)
+    except ConcurrentModificationError:
+        pass  # another process finished it first
+    return kept

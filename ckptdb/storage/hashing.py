@@ -1,0 +1,70 @@
+"""Streaming hashes for checkpoint files.
+
+The default is xxh3-128 (fast, non-cryptographic: catches corruption, not tampering). ``sha256``
+and ``blake3`` are the cryptographic options. Each shard row records the algorithm it was written
+with, so old rows keep verifying after the default changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Protocol
+
+DEFAULT_ALGORITHM = "xxh3_128"
+_CHUNK = 8 << 20
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+def available_algorithms() -> list[str]:
+    algos = ["sha256"]
+    try:
+        import xxhash  # noqa: F401
+
+        algos.insert(0, "xxh3_128")
+    except ImportError:  # pragma: no cover - xxhash is a dependency
+        pass
+    try:
+        import blake3  # noqa: F401
+
+        algos.append("blake3")
+    except ImportError:
+        pass
+    return algos
+
+
+def new_hasher(algorithm: str) -> Hasher:
+    """A fresh hasher for ``algorithm``; ValueError names the choices when it is unknown."""
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "blake3":
+        try:
+            import blake3
+        except ImportError as exc:
+            raise ValueError("hash algorithm 'blake3' needs the blake3 package") from exc
+        return blake3.blake3()  # type: ignore[no-any-return]
+    raise ValueError(f"unknown hash algorithm {algorithm!r}; choose one of {', '.join(available_algorithms())}")
+
+
+def hash_file(path: Path, algorithm: str) -> tuple[int, str]:
+    """Read ``path`` once and return (size in bytes, hex digest)."""
+    h = new_hasher(algorithm)
+    size = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+    return size, h.hexdigest()

@@ -1,0 +1,103 @@
+"""Pure path naming for a checkpoint directory (fairseq2's layout).
+
+::
+
+    checkpoint_dir/
+      model.yaml
+      catalog.db                     (default SQLite catalog)
+      step_<N>/                      committed checkpoint
+        model.pt  rank_0.pt  metadata.pt  score.txt  .ckptdb_token
+      step_<N>.tmp-<token>/          a checkpoint being written (pending in the catalog)
+      step_<N>.old-<token>/          the previous copy of step N while an overwrite commits
+      step_<N>.trash-<token>/        a directory being removed
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CATALOG_FILE = "catalog.db"
+MODEL_METADATA_FILE = "model.yaml"
+TOKEN_FILE = ".ckptdb_token"
+SCORE_FILE = "score.txt"
+METADATA_FILE = "metadata.pt"
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_WORK_RE = re.compile(r"^step_(\d+)\.(tmp|old|trash)(?:-([0-9a-f]+))?$")
+
+
+def step_dir_name(step_nr: int) -> str:
+    return f"step_{step_nr}"
+
+
+def tmp_dir_name(step_nr: int, token: str) -> str:
+    return f"step_{step_nr}.tmp-{token}"
+
+
+def old_dir_name(step_nr: int, token: str) -> str:
+    return f"step_{step_nr}.old-{token}"
+
+
+def trash_dir_name(step_nr: int, token: str) -> str:
+    return f"step_{step_nr}.trash-{token}"
+
+
+def suffix(tp_rank: int, tp_size: int) -> str:
+    """fairseq2's tensor-parallel suffix: ``""`` when TP size is 1, else ``".<tp_rank>"``."""
+    return "" if tp_size == 1 else f".{tp_rank}"
+
+
+def model_file(tp_rank: int = 0, tp_size: int = 1) -> str:
+    return f"model{suffix(tp_rank, tp_size)}.pt"
+
+
+def replicated_file(tp_rank: int = 0, tp_size: int = 1) -> str:
+    return f"replicated{suffix(tp_rank, tp_size)}.pt"
+
+
+def rank_file(dp_rank: int = 0, tp_rank: int = 0, tp_size: int = 1) -> str:
+    return f"rank_{dp_rank}{suffix(tp_rank, tp_size)}.pt"
+
+
+def metadata_file(tp_rank: int = 0, tp_size: int = 1) -> str:
+    return f"metadata{suffix(tp_rank, tp_size)}.pt"
+
+
+def is_model_file(relpath: str) -> bool:
+    """True for the files ``preserve_model=True`` keeps (fairseq2: stems starting with ``model``)."""
+    name = relpath.rsplit("/", 1)[-1]
+    return name.startswith("model") and "/" not in relpath
+
+
+def parse_step_dir(name: str) -> int | None:
+    """``step_<N>`` -> N; anything else -> None."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkDir:
+    """A ``step_<N>.<kind>-<token>`` directory: debris of an unfinished operation."""
+
+    step_nr: int
+    kind: str  # "tmp" | "old" | "trash"
+    token: str | None
+
+
+def parse_work_dir(name: str) -> WorkDir | None:
+    m = _WORK_RE.match(name)
+    if not m:
+        return None
+    return WorkDir(int(m.group(1)), m.group(2), m.group(3))
+
+
+def resolve_inside(base: Path, relpath: str) -> Path:
+    """Join ``relpath`` to ``base`` and refuse anything that escapes ``base``."""
+    if not relpath or relpath.startswith(("/", "\\")) or "\x00" in relpath:
+        raise ValueError(f"unsafe relative path {relpath!r}")
+    parts = Path(relpath).parts
+    if any(p in ("..", "") for p in parts):
+        raise ValueError(f"unsafe relative path {relpath!r}")
+    return base / relpath

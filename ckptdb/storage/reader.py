@@ -1,0 +1,45 @@
+"""Read checkpoint files back: size and digest checks, then a weights-only ``torch.load``."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptdb.errors import CheckpointCorruptError, UnsafeCheckpointFileError
+from ckptdb.storage import layout
+from ckptdb.storage.hashing import hash_file
+from ckptdb.storage.writer import FileRecord
+
+
+def check_file(step_dir: Path, rec: FileRecord, step_nr: int, *, digest: bool = True) -> None:
+    """Raise :class:`CheckpointCorruptError` when the file differs from what the catalog says."""
+    path = layout.resolve_inside(step_dir, rec.path)
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise CheckpointCorruptError(step_nr, str(path), f"{rec.size_bytes} bytes", "no file", missing=True) from None
+    if size != rec.size_bytes:
+        raise CheckpointCorruptError(step_nr, str(path), f"{rec.size_bytes} bytes", f"{size} bytes")
+    if digest:
+        _, actual = hash_file(path, rec.hash_algorithm)
+        if actual != rec.digest:
+            raise CheckpointCorruptError(
+                step_nr, str(path), f"{rec.hash_algorithm}:{rec.digest}", f"{rec.hash_algorithm}:{actual}"
+            )
+
+
+def load_torch(path: Path, step_nr: int, *, mmap: bool = True) -> Any:
+    """``torch.load(weights_only=True)``: never unpickle arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointFileError(
+            f"checkpoint step {step_nr}: refusing to load {str(path)!r}: it holds objects a "
+            f"weights-only load does not allow ({str(exc).splitlines()[0]})"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointCorruptError(step_nr, str(path), "a readable torch file", str(exc).splitlines()[0]) from exc
