@@ -117,6 +117,9 @@ class FileCheckpointManager:
         dp_gang, tp_gang: data- and tensor-parallel gangs (fairseq2's per-rank layout); given
             together.
         save_options, load_options, recovery_options: see :mod:`ckptdb.options`.
+        retention: a policy from :mod:`ckptdb.retention` (e.g. ``AnyOf(KeepLast(2), KeepBest(3))``)
+            applied after every commit, as Orbax's ``max_to_keep`` is. ``None``: keep everything
+            (the fairseq2-style ``keep_*`` calls work either way).
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class FileCheckpointManager:
         save_options: SaveOptions | None = None,
         load_options: LoadOptions | None = None,
         recovery_options: RecoveryOptions | None = None,
+        retention: Any = None,
     ) -> None:
         self.checkpoint_dir = Path(checkpoint_dir).expanduser().resolve()
         self.gang: Gang = as_gang(gang)
@@ -141,6 +145,7 @@ class FileCheckpointManager:
         self.save_options = save_options or SaveOptions()
         self.load_options = load_options or LoadOptions()
         self.recovery_options = recovery_options or RecoveryOptions()
+        self.retention = retention
         new_hasher(self.save_options.hash_algorithm)  # fail early on an unknown algorithm
         self.url = catalog or os.environ.get("CKPTDB_URL") or sqlite_url(self.checkpoint_dir / layout.CATALOG_FILE)
         self.run_name = validation.name(run if run is not None else default_run_name(self.checkpoint_dir), "run")
@@ -472,6 +477,8 @@ class FileCheckpointManager:
         finally:
             self._open = None
             release_token(op.token)
+        if self.retention is not None:
+            self.apply_retention(self.retention)
 
     def _undo_publish(self, op: _Open, moved: bool) -> None:
         """The catalog commit failed after the rename: put the directories back if the row is still ours."""

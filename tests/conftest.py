@@ -21,8 +21,11 @@ from ckptdb.catalog.session import dispose_engines
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--db-url", default=os.environ.get("CKPTDB_TEST_PG_URL"),
-                     help="a PostgreSQL server URL (any database: tests create and drop their own)")
+    parser.addoption(
+        "--db-url",
+        default=os.environ.get("CKPTDB_TEST_PG_URL"),
+        help="a PostgreSQL server URL (any database: tests create and drop their own)",
+    )
 
 
 def _pg_admin_url(config: pytest.Config) -> str | None:

@@ -13,8 +13,10 @@ from ckptdb import FileCheckpointManager
 def make_state(step: int, *, size: int = 8) -> dict[str, Any]:
     g = torch.Generator().manual_seed(step)
     model = {"w": torch.randn(size, size, generator=g), "b": torch.randn(size, generator=g)}
-    optim = {"state": {0: {"exp_avg": torch.randn(size, generator=g), "step": torch.tensor(float(step))}},
-             "param_groups": [{"lr": 0.001, "betas": (0.9, 0.999), "params": [0]}]}
+    optim = {
+        "state": {0: {"exp_avg": torch.randn(size, generator=g), "step": torch.tensor(float(step))}},
+        "param_groups": [{"lr": 0.001, "betas": (0.9, 0.999), "params": [0]}],
+    }
     return {"model": model, "optimizer": optim, "step_nr": step, "epoch": step // 10}
 
 

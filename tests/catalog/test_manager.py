@@ -40,8 +40,9 @@ def test_round_trip_as_fairseq2_docs_show(tmp_path: Path, catalog_url: str) -> N
     model(torch.randn(3, 8)).sum().backward()
     optimizer.step()
     ckpt_manager.begin_checkpoint(step_nr=1000)
-    ckpt_manager.save_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "step_nr": 1000, "epoch": 5})
+    ckpt_manager.save_state(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step_nr": 1000, "epoch": 5}
+    )
     ckpt_manager.save_score(0.25)
     ckpt_manager.commit_checkpoint()
 
@@ -65,15 +66,21 @@ def test_catalog_records_every_shard_and_reproducibility(mgr: FileCheckpointMana
     mgr.save_score(0.5)
     mgr.save_score(1.5, metric="valid_loss")
     mgr.commit_checkpoint()
-    rows = sql(catalog_url, "SELECT s.path, s.size_bytes, s.hash_algorithm, length(s.digest) FROM shards s "
-                            "JOIN checkpoints c ON c.id = s.checkpoint_id WHERE c.step_nr = 10 ORDER BY s.path")
+    rows = sql(
+        catalog_url,
+        "SELECT s.path, s.size_bytes, s.hash_algorithm, length(s.digest) FROM shards s "
+        "JOIN checkpoints c ON c.id = s.checkpoint_id WHERE c.step_nr = 10 ORDER BY s.path",
+    )
     step_dir = mgr.checkpoint_dir / "step_10"
     assert [r[0] for r in rows] == ["metadata.pt", "model.pt", "rank_0.pt", "score.txt"]
     for path, size, algo, dlen in rows:
         assert (step_dir / path).stat().st_size == size
         assert algo == "xxh3_128" and dlen == 32
-    (ckpt,) = sql(catalog_url, "SELECT state, torch_version, ckptdb_version, writer_host, writer_pid, world_size, "
-                               "total_bytes, file_count FROM checkpoints WHERE step_nr = 10")
+    (ckpt,) = sql(
+        catalog_url,
+        "SELECT state, torch_version, ckptdb_version, writer_host, writer_pid, world_size, "
+        "total_bytes, file_count FROM checkpoints WHERE step_nr = 10",
+    )
     assert ckpt[0] == "committed" and ckpt[1] == torch.__version__ and ckpt[2] == "0.1.0"
     assert ckpt[5] == 1 and ckpt[6] == sum(r[1] for r in rows) and ckpt[7] == 4
     scores = sql(catalog_url, "SELECT metric, value FROM scores ORDER BY metric")
@@ -145,8 +152,11 @@ def test_scores_nan_inf_and_metrics(mgr: FileCheckpointManager, catalog_url: str
     save(mgr, 3, score=0.5)
     save(mgr, 4, score=0.7)
     save(mgr, 5)  # unscored, newest
-    rows = sql(catalog_url, "SELECT c.step_nr, s.value, s.raw_value FROM scores s JOIN checkpoints c "
-                            "ON c.id = s.checkpoint_id ORDER BY c.step_nr")
+    rows = sql(
+        catalog_url,
+        "SELECT c.step_nr, s.value, s.raw_value FROM scores s JOIN checkpoints c "
+        "ON c.id = s.checkpoint_id ORDER BY c.step_nr",
+    )
     assert rows[0][1] is None and rows[0][2] == "nan"
     assert rows[1][1] is None and rows[1][2] == "inf"
     infos = {c.step_nr: c for c in mgr.get_checkpoints()}
@@ -186,14 +196,24 @@ def test_delete_is_two_phase_and_recorded(mgr: FileCheckpointManager, catalog_ur
     with pytest.raises(CheckpointNotFoundError):
         mgr.delete_checkpoint(1)
     mgr.delete_checkpoint(1, missing_ok=True)
-    events = sql(catalog_url, "SELECT e.from_state, e.to_state, e.reason FROM checkpoint_events e JOIN checkpoints c "
-                              "ON c.id = e.checkpoint_id WHERE c.step_nr = 1 ORDER BY e.id")
-    assert [(a, b) for a, b, _ in events] == [(None, "pending"), ("pending", "committed"),
-                                              ("committed", "deleting"), ("deleting", "deleted")]
+    events = sql(
+        catalog_url,
+        "SELECT e.from_state, e.to_state, e.reason FROM checkpoint_events e JOIN checkpoints c "
+        "ON c.id = e.checkpoint_id WHERE c.step_nr = 1 ORDER BY e.id",
+    )
+    assert [(a, b) for a, b, _ in events] == [
+        (None, "pending"),
+        ("pending", "committed"),
+        ("committed", "deleting"),
+        ("deleting", "deleted"),
+    ]
     (row,) = sql(catalog_url, "SELECT state, delete_reason, deleted_at IS NOT NULL FROM checkpoints WHERE step_nr=1")
     assert row == ("deleted", "manual", True)
-    assert sql(catalog_url, "SELECT count(*) FROM shards s JOIN checkpoints c ON c.id = s.checkpoint_id "
-                            "WHERE c.step_nr = 1 AND s.removed_at IS NULL") == [(0,)]
+    assert sql(
+        catalog_url,
+        "SELECT count(*) FROM shards s JOIN checkpoints c ON c.id = s.checkpoint_id "
+        "WHERE c.step_nr = 1 AND s.removed_at IS NULL",
+    ) == [(0,)]
 
 
 def test_preserve_model(mgr: FileCheckpointManager, catalog_url: str) -> None:
@@ -204,8 +224,11 @@ def test_preserve_model(mgr: FileCheckpointManager, catalog_url: str) -> None:
     assert mgr.get_step_numbers() == [2]
     (row,) = sql(catalog_url, "SELECT state, model_preserved, delete_reason FROM checkpoints WHERE step_nr = 1")
     assert row[0] == "deleted" and row[1] in (True, 1) and row[2] == "pruned by keep_last(1)"
-    kept = sql(catalog_url, "SELECT s.path FROM shards s JOIN checkpoints c ON c.id = s.checkpoint_id "
-                            "WHERE c.step_nr = 1 AND s.removed_at IS NULL")
+    kept = sql(
+        catalog_url,
+        "SELECT s.path FROM shards s JOIN checkpoints c ON c.id = s.checkpoint_id "
+        "WHERE c.step_nr = 1 AND s.removed_at IS NULL",
+    )
     assert kept == [("model.pt",)]
     # a reopened manager leaves the preserved model alone
     again = FileCheckpointManager(mgr.checkpoint_dir, catalog=catalog_url)
@@ -230,7 +253,7 @@ def test_unsafe_state_refused_at_save_with_key_named(mgr: FileCheckpointManager)
     mgr.begin_checkpoint(1)
     with pytest.raises(InvalidArgumentError, match=r"state\['trainer'\]\['obj'\]"):
         mgr.save_state({"model": {"w": torch.zeros(2)}, "trainer": {"obj": Custom()}})
-    with pytest.raises(InvalidArgumentError, match="lambda|function"):
+    with pytest.raises(InvalidArgumentError, match=r"lambda|function"):
         mgr.save_metadata({"fn": lambda: 1})
     mgr.save_state({"model": {"w": torch.zeros(2)}})
     mgr.commit_checkpoint()

@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# torch is pinned here (a local CPU wheel on our machines; other specs may pull a multi-GB CUDA build).
+TORCH  ?= torch==2.13.0
+PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
+
+.PHONY: install demo test test-fast lint bench torture clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]" "$(TORCH)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python examples/train.py
+
+# Runs every test on SQLite, and on PostgreSQL too when a server answers at 127.0.0.1:5432
+# (or CKPTDB_TEST_PG_URL names one).
+test: install
+	@if [ -z "$$CKPTDB_TEST_PG_URL" ] && $(BIN)/python -c "import psycopg; psycopg.connect('host=127.0.0.1 port=5432 user=postgres dbname=postgres', connect_timeout=3).close()" 2>/dev/null; then \
+		echo "PostgreSQL answers at 127.0.0.1:5432: running the PostgreSQL tests too"; \
+		export CKPTDB_TEST_PG_URL="$(PG_URL)"; \
+	else \
+		[ -n "$$CKPTDB_TEST_PG_URL" ] || echo "no PostgreSQL at 127.0.0.1:5432: PostgreSQL tests are skipped"; \
+	fi; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check ckptdb tests examples benchmarks scripts
+	$(BIN)/ruff format --check ckptdb tests examples benchmarks scripts
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

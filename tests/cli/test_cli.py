@@ -1,0 +1,77 @@
+"""The CLI as scripts use it: real subprocesses for exit codes, in-process calls for output."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckptdb import FileCheckpointManager
+from ckptdb.cli import build_parser, main
+from tests.helpers import save
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ckptdb.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_ls_runs_and_checkpoints(tmp_path: Path, catalog_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    m = FileCheckpointManager(tmp_path / "c", catalog=catalog_url, run="exp1")
+    save(m, 10, score=0.5)
+    save(m, 20, score=0.25)
+    m.delete_checkpoint(10)
+    assert main(["ls", "--url", catalog_url]) == 0
+    out = capsys.readouterr().out
+    assert "exp1" in out and "20" in out
+    assert main(["ls", "--url", catalog_url, "exp1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["step"], r["state"]) for r in rows] == [(20, "committed")]
+    assert rows[0]["scores"] == {"score": 0.25} and rows[0]["bytes"] > 0
+    assert main(["ls", "--url", catalog_url, "exp1", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"10\s+deleted", out) and re.search(r"20\s+committed", out)
+
+
+def test_db_commands(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    r = run_cli("db", "current", "--url", url)
+    assert r.returncode == 1 and "(none)" in r.stdout
+    r = run_cli("db", "upgrade", "--url", url)
+    assert r.returncode == 0, r.stderr
+    assert "(empty) -> 0001" in r.stdout
+    r = run_cli("db", "current", "--url", url, "--json")
+    assert json.loads(r.stdout)["up_to_date"] is True
+    assert "0001" in run_cli("db", "history").stdout
+
+
+def test_errors_are_clear_and_passwords_hidden() -> None:
+    r = run_cli("ls", "--url", "postgresql+psycopg://alice:s3cret@127.0.0.1:1/db")
+    assert r.returncode == 2
+    assert "s3cret" not in r.stderr and "***" in r.stderr and "unavailable" in r.stderr
+    r = run_cli("ls", env={"PATH": "/usr/bin"})
+    assert r.returncode == 2 and "--url" in r.stderr
+    r = run_cli("ls", "--url", "not a url")
+    assert r.returncode == 2 and "invalid catalog URL" in r.stderr
+
+
+def test_ls_of_unknown_run(tmp_path: Path, catalog_url: str) -> None:
+    r = run_cli("ls", "--url", catalog_url, "nope")
+    assert r.returncode == 2 and "no run named 'nope'" in r.stderr
+
+
+def test_every_command_is_documented() -> None:
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    names = []
+    for name, p in sub.choices.items():  # type: ignore[union-attr]
+        nested = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
+        names += [f"{name} {n}" for n in nested[0].choices] if nested else [name]  # type: ignore[union-attr]
+    for name in names:
+        assert f"ckptdb {name}" in doc, f"`ckptdb {name}` is not documented in docs/cli.md"

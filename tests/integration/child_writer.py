@@ -1,0 +1,119 @@
+"""A writer process for kill tests: saves steps 1..N and, at the chosen point of the last save,
+prints KILLME and stalls so the parent can SIGKILL it there.
+
+    python tests/integration/child_writer.py DIR URL POINT N
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from ckptdb import FileCheckpointManager
+from ckptdb.catalog import store
+from ckptdb.storage import writer
+from tests.helpers import make_state
+
+armed = False
+
+
+def stall(where: str) -> None:
+    print(f"KILLME {where}", flush=True)
+    time.sleep(120)
+    raise SystemExit("not killed")
+
+
+def install(point: str) -> None:
+    if point == "save_state":
+        orig_write = writer._HashingFile.write
+
+        def write(self: writer._HashingFile, data: bytes) -> int:  # type: ignore[override]
+            n = orig_write(self, data)
+            if armed and self.size > 512:
+                stall(point)
+            return n
+
+        writer._HashingFile.write = write  # type: ignore[method-assign]
+    elif point in ("commit_before_rename", "overwrite_between_renames"):
+        orig_publish = writer.publish
+
+        def publish(checkpoint_dir: Path, step_nr: int, token: str, *, fsync: bool = True) -> bool:
+            if armed and point == "commit_before_rename":
+                stall(point)
+            if armed:
+                final = checkpoint_dir / f"step_{step_nr}"
+                final.rename(checkpoint_dir / f"step_{step_nr}.old-{token}")
+                stall(point)
+            return orig_publish(checkpoint_dir, step_nr, token, fsync=fsync)
+
+        import ckptdb.manager as manager_mod
+
+        manager_mod.publish = publish  # type: ignore[assignment]
+    elif point == "commit_after_rename":
+        orig_commit = store.Catalog.commit
+
+        def commit(self, *a, **kw):  # type: ignore[no-untyped-def]
+            if armed:
+                stall(point)
+            return orig_commit(self, *a, **kw)
+
+        store.Catalog.commit = commit  # type: ignore[method-assign]
+    elif point == "overwrite_after_commit":
+        import ckptdb.manager as manager_mod
+
+        orig_remove = manager_mod.remove_tree
+
+        def remove_tree(path: Path, *, fsync: bool = True) -> None:
+            if armed and ".old-" in path.name:
+                stall(point)
+            orig_remove(path, fsync=fsync)
+
+        manager_mod.remove_tree = remove_tree  # type: ignore[assignment]
+    elif point in ("delete_after_mark", "delete_after_files"):
+        import ckptdb.recovery as recovery_mod
+
+        orig_remove = recovery_mod.remove_tree
+        orig_mark = store.Catalog.mark_deleted
+
+        def remove_tree2(path: Path, *, fsync: bool = True) -> None:
+            if armed and point == "delete_after_mark":
+                stall(point)
+            orig_remove(path, fsync=fsync)
+
+        def mark_deleted(self, *a, **kw):  # type: ignore[no-untyped-def]
+            if armed and point == "delete_after_files":
+                stall(point)
+            return orig_mark(self, *a, **kw)
+
+        recovery_mod.remove_tree = remove_tree2  # type: ignore[assignment]
+        store.Catalog.mark_deleted = mark_deleted  # type: ignore[method-assign]
+    else:
+        raise SystemExit(f"unknown point {point}")
+
+
+def main() -> None:
+    global armed
+    directory, url, point, n = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+    install(point)
+    m = FileCheckpointManager(directory, catalog=url)
+    for step in range(1, n + 1):
+        last = step == n
+        overwrite = point.startswith("overwrite") and last
+        armed = last and not point.startswith("delete")
+        s = 1 if overwrite else step
+        m.begin_checkpoint(s, overwrite=overwrite)
+        m.save_state(make_state(100 + step if overwrite else step, size=64))
+        m.save_score(float(step))
+        m.commit_checkpoint()
+        print(f"committed {s}", flush=True)
+    if point.startswith("delete"):
+        armed = True
+        m.delete_checkpoint(2)
+    stall("end")
+
+
+if __name__ == "__main__":
+    main()
