@@ -32,8 +32,8 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check ckptdb tests examples benchmarks scripts
-	$(BIN)/ruff format --check ckptdb tests examples benchmarks scripts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
