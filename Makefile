@@ -34,6 +34,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy ckptdb
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

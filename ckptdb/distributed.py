@@ -68,7 +68,7 @@ class TorchGang:
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         box = [obj if self._rank == src else None]
-        self._dist.broadcast_object_list(box, src=self._dist.get_global_rank(self.group, src), group=self.group)
+        self._dist.broadcast_object_list(box, src=self._dist.get_global_rank(self.group, src), group=self.group)  # type: ignore[arg-type]
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -534,7 +534,7 @@ class Catalog:
                 )
             ]
 
-    def ranked_by_score(self, run_id: int, metric: str, *, lower_better: bool) -> list[tuple[int, float]]:
+    def ranked_by_score(self, run_id: int, metric: str, *, lower_better: bool) -> list[tuple[int, float | None]]:
         """(step_nr, value) of committed checkpoints with a finite score, best first; ties: later step first."""
         order = Score.value.asc() if lower_better else Score.value.desc()
         with self.db.transaction(readonly=True) as s:

@@ -101,7 +101,7 @@ class StepWriter:
         hasher = new_hasher(self.hash_algorithm)
         with open(path, "wb", buffering=4 << 20) as f:
             hf = _HashingFile(f, hasher)
-            torch.save(obj, hf)
+            torch.save(obj, hf)  # type: ignore[arg-type]  # any object with write() and flush()
             return self._finish(f, relpath, hf.size, hasher, rank, kind)
 
     def write_bytes(self, relpath: str, data: bytes, *, rank: int = 0, kind: str = "state") -> FileRecord:
