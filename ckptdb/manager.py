@@ -348,6 +348,16 @@ class FileCheckpointManager:
         replicated_keys = set(replicated_keys or ())
         tp_rank, tp_size = self._sfx
         dp_rank, dp_size = self.dp_gang.rank, self.dp_gang.size
+        ours = {
+            layout.model_file(tp_rank, tp_size),
+            layout.replicated_file(tp_rank, tp_size),
+            layout.rank_file(dp_rank, tp_rank, tp_size),
+        }
+        if ours & set(op.writer.records):
+            raise InvalidOperationError(
+                f"save_state() was already called for step {op.step_nr}: pass the whole state to one "
+                "save_state() call (a second call would replace the first one's files)"
+            )
 
         def write() -> None:
             rest = dict(state)
@@ -616,9 +626,17 @@ class FileCheckpointManager:
 
             found = self._on_coordinator(newest, "load_last_checkpoint")
             if found is None:
+                hint = ""
+                foreign = self.last_recovery.foreign if self.last_recovery else []
+                if foreign and below is None:
+                    hint = (
+                        f"; {len(foreign)} step directories here are not in the catalog "
+                        f"({', '.join(sorted(foreign)[:3])}...): adopt them with `ckptdb import`"
+                    )
                 raise CheckpointNotFoundError(
                     f"run {self.run_name!r} has no committed checkpoint"
                     + ("" if below is None else f" below step {below} that is intact")
+                    + hint
                 )
             info, shards = found
             try:

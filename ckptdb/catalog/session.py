@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,6 +94,15 @@ def get_engine(url: str) -> Engine:
             _install_sqlite_pragmas(engine)
         _engines[url] = engine
         return engine
+
+
+def _after_fork_in_child() -> None:
+    # A forked child must not reuse the parent's pooled connections (DataLoader workers, ...).
+    for engine in list(_engines.values()):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def dispose_engines() -> None:

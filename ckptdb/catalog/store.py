@@ -139,6 +139,12 @@ class Catalog:
     # -- runs ---------------------------------------------------------------------------------
 
     def ensure_run(self, name: str, checkpoint_dir: str) -> RunInfo:
+        try:
+            return self._ensure_run(name, checkpoint_dir)
+        except ConcurrentModificationError:
+            return self._ensure_run(name, checkpoint_dir)  # another process created it first
+
+    def _ensure_run(self, name: str, checkpoint_dir: str) -> RunInfo:
         with self.db.transaction() as s:
             run = s.execute(select(Run).where(Run.name == name)).scalar_one_or_none()
             if run is None:

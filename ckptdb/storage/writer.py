@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ckptdb.errors import InvalidOperationError
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import Hasher, new_hasher
 
@@ -83,6 +84,11 @@ class StepWriter:
             (self.tmp_dir / layout.TOKEN_FILE).write_text(self.token + "\n")
 
     def _open_file(self, relpath: str) -> Path:
+        if relpath in self.records:
+            raise InvalidOperationError(
+                f"{relpath} was already written for step {self.step_nr}: pass the whole state to one "
+                "save_state() call (a second call would replace the first one's file)"
+            )
         path = layout.resolve_inside(self.tmp_dir, relpath)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path

@@ -305,3 +305,21 @@ def test_many_metrics_and_best_by_metric(mgr: FileCheckpointManager) -> None:
         mgr.commit_checkpoint()
     mgr.keep_best_n_checkpoints(1, metric="accuracy")
     assert mgr.get_step_numbers() == [2, 4]
+
+
+def test_second_save_state_call_refused(mgr: FileCheckpointManager) -> None:
+    mgr.begin_checkpoint(1)
+    mgr.save_state({"model": {"w": torch.zeros(2)}, "trainer": {"a": 1}})
+    with pytest.raises(InvalidOperationError, match="one save_state"):
+        mgr.save_state({"optimizer": {"b": 2}})
+    mgr.commit_checkpoint()
+    assert mgr.load_checkpoint(1)["trainer"] == {"a": 1}
+
+
+def test_fairseq2_directory_hint(tmp_path: Path, catalog_url: str) -> None:
+    d = tmp_path / "fs2"
+    (d / "step_100").mkdir(parents=True)
+    torch.save({"model": {"w": torch.zeros(1)}, "model_key": "model"}, d / "step_100" / "model.pt")
+    m = FileCheckpointManager(d, catalog=catalog_url)
+    with pytest.raises(CheckpointNotFoundError, match="ckptdb import"):
+        m.load_last_checkpoint()
