@@ -103,6 +103,7 @@ class _Open:
     writer: StepWriter
     scores: dict[str, float] = dataclasses.field(default_factory=dict)
     user_metadata: dict[str, Any] | None = None
+    state_saved: bool = False
 
 
 class FileCheckpointManager:
@@ -348,12 +349,7 @@ class FileCheckpointManager:
         replicated_keys = set(replicated_keys or ())
         tp_rank, tp_size = self._sfx
         dp_rank, dp_size = self.dp_gang.rank, self.dp_gang.size
-        ours = {
-            layout.model_file(tp_rank, tp_size),
-            layout.replicated_file(tp_rank, tp_size),
-            layout.rank_file(dp_rank, tp_rank, tp_size),
-        }
-        if ours & set(op.writer.records):
+        if op.state_saved:  # the same answer on every rank: no rank is left in a collective
             raise InvalidOperationError(
                 f"save_state() was already called for step {op.step_nr}: pass the whole state to one "
                 "save_state() call (a second call would replace the first one's files)"
@@ -382,6 +378,7 @@ class FileCheckpointManager:
                     layout.rank_file(dp_rank, tp_rank, tp_size), rest, rank=self.gang.rank, kind="rank"
                 )
 
+        op.state_saved = True
         self._write_all(op, "save_state", write)
         self._heartbeat(op)
 
