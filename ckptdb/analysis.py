@@ -59,7 +59,9 @@ def readonly_query(url: str, sql: str, *, max_rows: int | None = None) -> QueryR
     """Run one SQL statement read-only and return its columns and rows.
 
     Writes (INSERT, UPDATE, DELETE, DDL) are refused by the database and raise
-    :class:`CatalogError` whose message says the connection is read-only.
+    :class:`CatalogError` whose message says the connection is read-only. Only one statement is
+    accepted (several are refused by the driver), so a query cannot switch the session back to
+    read-write first.
     """
     engine = _readonly_engine(url)
     backend = engine.dialect.name
@@ -69,7 +71,11 @@ def readonly_query(url: str, sql: str, *, max_rows: int | None = None) -> QueryR
             cur = raw.cursor()
             if backend == "postgresql":
                 cur.execute("SET TRANSACTION READ ONLY")
-            cur.execute(sql)
+                cur.execute("SELECT 1")  # a query ran: the transaction can no longer be made read-write
+                # the extended protocol: one statement only, so "...; SET ... READ WRITE; DELETE" is refused
+                cur.execute(sql, prepare=True)
+            else:
+                cur.execute(sql)  # sqlite3 runs one statement only, on a file opened read-only
             columns = [d[0] for d in cur.description] if cur.description else []
             rows = [tuple(r) for r in (cur.fetchmany(max_rows) if max_rows else cur.fetchall())] if columns else []
             cur.close()
