@@ -77,10 +77,11 @@ def _open(source: str | Path, run: str | None) -> tuple[Catalog, RunInfo]:
 
 def _model_file(info: CheckpointInfo, shards: list[ShardInfo]) -> ShardInfo:
     by_path = {s.path: s for s in shards}
-    for name in (layout.model_file(), _HEAD_SINGLE_SHARD):
-        if name in by_path:
-            return by_path[name]
     models = sorted(s.path for s in shards if s.kind == "model")
+    if layout.model_file() in by_path:
+        return by_path[layout.model_file()]
+    if models == [_HEAD_SINGLE_SHARD]:
+        return by_path[_HEAD_SINGLE_SHARD]
     if models:
         raise UnsupportedCheckpointError(
             f"step {info.step_nr}: the model is saved in {len(models)} shards ({', '.join(models[:4])}"
