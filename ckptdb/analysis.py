@@ -174,7 +174,7 @@ def plot_metric(
     """Draw ``metric`` over steps for ``run`` to ``output`` (PNG, SVG or PDF by its suffix).
 
     Kept checkpoints are filled dots, deleted ones hollow grey, corrupt/missing red crosses,
-    pinned ones gold stars; the best kept one is annotated when ``lower_better`` is given.
+    pinned ones gold stars; the best kept one is ringed in green when ``lower_better`` is given.
     """
     import matplotlib
 
@@ -220,20 +220,24 @@ def plot_metric(
         if lower_better is not None:
             kept = [p for p in pts if p.state == "committed"] or pts
             best = (min if lower_better else max)(kept, key=lambda p: (p.value, p.step_nr))
-            ax.annotate(
-                f"best: step {best.step_nr}\n{metric} = {best.value:.4g}",
-                (best.step_nr, best.value),
-                xytext=(
-                    -110 if best.step_nr > (pts[0].step_nr + pts[-1].step_nr) / 2 else 12,
-                    22 if lower_better else -34,
-                ),
-                textcoords="offset points",
-                fontsize=9,
-                arrowprops={"arrowstyle": "->", "color": "#444444"},
+            ax.scatter(
+                [best.step_nr],
+                [best.value],
+                marker="o",
+                s=230,
+                facecolors="none",
+                edgecolors="#2ca02c",
+                linewidths=2.0,
+                zorder=5,
+                label=f"best kept: step {best.step_nr} ({best.value:.4g})",
             )
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
-        ax.set_title(title or f"{run}: {metric}", fontsize=11)
+        counts = {label: sum(1 for p in pts if _STYLE[p.state][0] == label) for label in ("kept", "deleted")}
+        damaged = sum(1 for p in pts if p.state in ("corrupt", "missing"))
+        sub = f"{counts['kept']} kept, {counts['deleted']} deleted, {damaged} corrupt/missing, {len(pinned)} pinned"
+        direction = "" if lower_better is None else (" (lower is better)" if lower_better else " (higher is better)")
+        ax.set_title(title or f"{run}: {metric}{direction}\n{sub}", fontsize=11)
         ax.grid(True, alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
         ax.legend(frameon=False, loc="best", fontsize=9)
