@@ -18,6 +18,7 @@ from ckptdb import FileCheckpointManager, SchemaOutOfDateError
 from ckptdb.catalog import Catalog, migrate
 from ckptdb.catalog.models import VIEW_NAMES, Base
 from ckptdb.catalog.session import dispose_engines
+from ckptdb.cli import main as cli_main
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -169,7 +170,9 @@ def test_0002_down_and_up_with_data_keeps_every_row(tmp_path: Path, empty_catalo
 
 
 @pytest.mark.parametrize("empty_catalog_url", BACKENDS, indirect=True)
-def test_catalog_at_0001_is_refused_until_db_upgrade(tmp_path: Path, empty_catalog_url: str) -> None:
+def test_catalog_at_0001_is_refused_until_db_upgrade(
+    tmp_path: Path, empty_catalog_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     url = empty_catalog_url
     _populate(tmp_path, url)
     migrate.downgrade(url, "0001")
@@ -179,14 +182,19 @@ def test_catalog_at_0001_is_refused_until_db_upgrade(tmp_path: Path, empty_catal
     assert "0001" in str(err.value) and "0002" in str(err.value)
     assert migrate.current(url) == "0001"  # refused, not silently upgraded
 
-    cli = [sys.executable, "-m", "ckptdb.cli"]
-    r = subprocess.run([*cli, "db", "current", "--url", url], capture_output=True, text=True)
-    assert r.returncode == 1 and "needs `ckptdb db upgrade`" in r.stdout
-    r = subprocess.run([*cli, "db", "upgrade", "--url", url], capture_output=True, text=True)
+    assert cli_main(["db", "current", "--url", url]) == 1
+    assert "needs `ckptdb db upgrade`" in capsys.readouterr().out
+    r = subprocess.run(
+        [sys.executable, "-m", "ckptdb.cli", "db", "upgrade", "--url", url], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert "0001 -> 0002" in r.stdout
+    assert cli_main(["db", "current", "--url", url, "--json"]) == 0
+    assert '"up_to_date": true' in capsys.readouterr().out
     m = FileCheckpointManager(tmp_path / "c", catalog=url, run="r")
     step, state = m.load_last_checkpoint()
     assert step == 3 and torch.equal(state["model"]["w"], torch.ones(2) * 3)
-    r = subprocess.run([*cli, "db", "downgrade", "--url", url, "0001"], capture_output=True, text=True)
-    assert r.returncode == 0 and "0002 -> 0001" in r.stdout, r.stderr
+    dispose_engines()
+    assert cli_main(["db", "downgrade", "--url", url, "0001"]) == 0
+    assert "0002 -> 0001" in capsys.readouterr().out
+    assert migrate.current(url) == "0001"
