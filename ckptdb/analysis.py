@@ -29,6 +29,24 @@ class QueryResult:
     rows: list[tuple[Any, ...]]
 
 
+_SQLITE_READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, 33}  # 33: RECURSIVE
+_SQLITE_ACTING_PRAGMAS = {"optimize", "wal_checkpoint", "shrink_memory", "incremental_vacuum"}  # act even bare
+_SQLITE_READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
+
+
+def _sqlite_readonly_authorizer(
+    action: int, arg1: str | None, arg2: str | None, db: str | None, src: str | None
+) -> int:
+    """Only reads: blocks ATTACH (creates files), VACUUM INTO (writes a copy) and pragma changes too."""
+    if action in _SQLITE_READ_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA:
+        name = (arg1 or "").lower()
+        if name in _SQLITE_READ_PRAGMAS or (arg2 is None and name not in _SQLITE_ACTING_PRAGMAS):
+            return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
 def _readonly_engine(url: str) -> Any:
     parsed = parse_url(url)
     backend = parsed.get_backend_name()
@@ -43,6 +61,7 @@ def _readonly_engine(url: str) -> Any:
                 f"{path.as_uri()}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False
             )
             conn.execute("PRAGMA query_only = ON")
+            conn.set_authorizer(_sqlite_readonly_authorizer)
             return conn
 
         return create_engine("sqlite://", creator=connect, poolclass=NullPool)
@@ -96,7 +115,9 @@ def readonly_query(url: str, sql: str, *, max_rows: int | None = None) -> QueryR
 def _query_error(e: BaseException, url: str) -> CatalogError:
     first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
     low = first.lower()
-    if "readonly" in low or "read-only" in low or "read only" in low or "query_only" in low:
+    if any(
+        w in low for w in ("readonly", "read-only", "read only", "query_only", "not authorized", "authorization denied")
+    ):
         return CatalogError(f"catalog {masked(url)}: `ckptdb sql` is read-only; refused: {first}")
     if "unable to open" in low or ("connection" in low and "failed" in low):
         return CatalogUnavailableError(f"catalog {masked(url)} is unavailable: {first}")

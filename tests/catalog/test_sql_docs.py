@@ -110,4 +110,10 @@ def test_sql_refuses_writes(tmp_path: Path, catalog_url: str) -> None:
                 "WITH x AS (SELECT set_config('transaction_read_only', 'off', true)) "
                 "DELETE FROM runs WHERE id IN (SELECT 1 FROM x)",
             )
+    if backend_of(catalog_url) == "sqlite":  # nor may it create files next to the catalog
+        for w in [f"VACUUM INTO '{tmp_path / 'copy.db'}'", f"ATTACH DATABASE '{tmp_path / 'new.db'}' AS x"]:
+            with pytest.raises(CatalogError, match="read-only"):
+                readonly_query(catalog_url, w)
+        assert not (tmp_path / "copy.db").exists() and not (tmp_path / "new.db").exists()
+        assert readonly_query(catalog_url, "PRAGMA table_info(runs)").rows
     assert readonly_query(catalog_url, "SELECT COUNT(*) FROM checkpoints").rows[0][0] == before
