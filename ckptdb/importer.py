@@ -40,7 +40,13 @@ import yaml
 from ckptdb import __version__, _proc, validation
 from ckptdb.catalog import Catalog, ShardInfo, WriterInfo
 from ckptdb.catalog.session import parse_url
-from ckptdb.errors import CheckpointExistsError, InvalidArgumentError, SchemaOutOfDateError
+from ckptdb.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    ConcurrentModificationError,
+    InvalidArgumentError,
+    SchemaOutOfDateError,
+)
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import DEFAULT_ALGORITHM, hash_file, new_hasher
 
@@ -163,6 +169,21 @@ def scan(checkpoint_dir: Path) -> tuple[list[FoundStep], dict[str, str], list[st
     return steps, skipped, warnings
 
 
+def _read_metadata(step_dir: Path, found: FoundStep, warnings: list[str]) -> dict[str, Any] | None:
+    """fairseq2's ``metadata.pt`` as JSON for the catalog (weights-only load; anything else is skipped)."""
+    from ckptdb.manager import _jsonable
+    from ckptdb.storage.reader import load_torch
+
+    if not any(p == layout.METADATA_FILE for p, _ in found.files):
+        return None
+    try:
+        data = load_torch(step_dir / layout.METADATA_FILE, found.step_nr, mmap=False)
+    except CheckpointError as e:
+        warnings.append(f"{step_dir / layout.METADATA_FILE}: not recorded in the catalog ({e})")
+        return None
+    return _jsonable(data) if isinstance(data, dict) else None
+
+
 def _world_size(files: list[tuple[str, int]]) -> int:
     ranks = {_rank(p) for p, _ in files if _RANK_RE.match(p)}
     return max(1, len(ranks))
@@ -259,6 +280,7 @@ def import_directory(
             size, digest = hash_file(step_dir / rel, hash_algorithm)
             shards.append(ShardInfo(rel, size, hash_algorithm, digest, _rank(rel), file_kind(rel)))
         try:
+            user_metadata = _read_metadata(step_dir, found, report.warnings)
             catalog.adopt(
                 run_id,
                 found.step_nr,
@@ -269,8 +291,9 @@ def import_directory(
                 hash_algorithm=hash_algorithm,
                 written_at=found.written_at,
                 reason=f"imported from {d} by ckptdb import",
+                user_metadata=user_metadata,
             )
-        except CheckpointExistsError:  # a concurrent import got there first
+        except (CheckpointExistsError, ConcurrentModificationError):  # a concurrent import got there first
             report.already.append(found.step_nr)
             continue
         report.adopted.append(found.step_nr)

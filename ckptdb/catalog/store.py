@@ -597,6 +597,7 @@ class Catalog:
         hash_algorithm: str,
         written_at: datetime | None = None,
         reason: str = "imported",
+        user_metadata: dict[str, Any] | None = None,
     ) -> CheckpointInfo:
         """Record an existing, complete step directory as a committed checkpoint with its shards and scores.
 
@@ -643,6 +644,7 @@ class Catalog:
                 model_preserved=False,
                 total_bytes=sum(f.size_bytes for f in files),
                 file_count=len(files),
+                user_metadata=user_metadata,
             )
             s.add(c)
             s.flush()

@@ -29,6 +29,7 @@ def v03(d: Path, steps: dict[int, float | None], *, tmp_step: int | None = None)
         s = d / f"step_{step}"
         _save({"model": model_sd(step), "model_key": "model"}, s / "model.pt")
         _save({"optimizer": {"state": {}, "param_groups": [{"lr": 0.01}]}, "step_nr": step}, s / "rank_0.pt")
+        _save({"data_epoch": step // 100, "config": {"lr": 0.01}}, s / "metadata.pt")
         if score is not None:
             (s / "score.txt").write_text(f"{score}\n")
     if tmp_step is not None:

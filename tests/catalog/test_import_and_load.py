@@ -49,7 +49,13 @@ def test_import_v03_then_resume_retention_and_load(tmp_path: Path, catalog_url: 
         (250, "committed", {}),
     ]
     shards = cat.shards(rows[0].id)
-    assert [(s.path, s.kind) for s in shards] == [("model.pt", "model"), ("rank_0.pt", "rank"), ("score.txt", "score")]
+    assert [(s.path, s.kind) for s in shards] == [
+        ("metadata.pt", "metadata"),
+        ("model.pt", "model"),
+        ("rank_0.pt", "rank"),
+        ("score.txt", "score"),
+    ]
+    assert rows[0].user_metadata == {"data_epoch": 1, "config": {"lr": 0.01}}
     for s in shards:
         assert (s.size_bytes, s.digest) == hash_file(d / "step_100" / s.path, s.hash_algorithm)
     assert cat.events(rows[0].id)[0]["reason"].startswith("imported from")
