@@ -275,6 +275,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "scores": c.scores,
                 "pins": d["pins"],
                 "metadata": c.user_metadata,
+                "model_metadata": d["model_metadata"],
                 "files": [
                     {
                         "path": f.path,
@@ -305,6 +306,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print("scores     " + ", ".join(f"{k}={v:.6g}" if v is not None else f"{k}=None" for k, v in c.scores.items()))
     if c.user_metadata:
         print(f"metadata   {json.dumps(c.user_metadata, default=str)}")
+    if d["model_metadata"]:
+        print(f"model.yaml {json.dumps(d['model_metadata'], default=str)}")
     print("\nfiles")
     print(
         table(

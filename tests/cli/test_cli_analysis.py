@@ -54,6 +54,7 @@ def test_runs_show_plot(tmp_path: Path, catalog_url: str, capsys: pytest.Capture
     assert main(["show", "--url", catalog_url, "exp1", "500", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["state"] == "corrupt" and shown["metadata"] == {"lr": 0.001, "tokens_seen": 500 * 4096}
+    assert shown["model_metadata"]["model_family"] == "toy"
     assert [e["to_state"] for e in shown["history"]] == ["pending", "committed", "corrupt"]
     assert "rank_0.pt" in shown["history"][-1]["reason"]
     assert {f["path"] for f in shown["files"]} == {"model.pt", "rank_0.pt", "metadata.pt", "score.txt"}
