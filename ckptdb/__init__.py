@@ -13,7 +13,9 @@ from ckptdb.errors import (
     InvalidOperationError,
     SchemaOutOfDateError,
     UnsafeCheckpointFileError,
+    UnsupportedCheckpointError,
 )
+from ckptdb.loader import load_model
 from ckptdb.manager import FileCheckpointManager
 from ckptdb.options import LoadOptions, RecoveryOptions, SaveOptions
 from ckptdb.retention import AnyOf, KeepBest, KeepEvery, KeepLast
@@ -37,5 +39,7 @@ __all__ = [
     "SaveOptions",
     "SchemaOutOfDateError",
     "UnsafeCheckpointFileError",
+    "UnsupportedCheckpointError",
     "__version__",
+    "load_model",
 ]

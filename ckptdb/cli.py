@@ -176,6 +176,314 @@ def cmd_db_history(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- analysis, export and import (docs/sql.md) ---------------------------------------------------
+
+
+def _cell(v: Any) -> Any:
+    from decimal import Decimal
+
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    if isinstance(v, bytes | memoryview):
+        return bytes(v).hex()
+    return v
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """Run one read-only SQL query on the catalog and print the result (the database refuses writes).
+
+    Example: ckptdb sql --dir ckpts "SELECT step_nr, score FROM checkpoint_summary WHERE state = 'committed'"
+    """
+    import csv
+
+    from ckptdb.analysis import readonly_query
+
+    res = readonly_query(_url(args), args.query)
+    rows = [[_cell(v) for v in r] for r in res.rows]
+    if args.json:
+        _print_json([dict(zip(res.columns, r, strict=True)) for r in rows])
+    elif args.csv:
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(res.columns)
+        for r in rows:
+            w.writerow(["" if v is None else (v.isoformat() if isinstance(v, datetime) else v) for v in r])
+    elif res.columns:
+        print(table(rows, res.columns))
+        print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List every run with its checkpoint counts, steps, storage and pins (the run_summary view).
+
+    Example: ckptdb runs --url postgresql+psycopg://me@db/ckpt --json
+    """
+    from ckptdb.analysis import run_summaries
+
+    runs = [{k: _cell(v) for k, v in r.items()} for r in run_summaries(_url(args))]
+    if args.json:
+        _print_json(runs)
+        return 0
+    print(
+        table(
+            [
+                (
+                    r["run_name"],
+                    r["committed"],
+                    r["deleted"],
+                    r["damaged"],
+                    r["last_step"],
+                    _human_bytes(r["bytes_on_disk"]),
+                    r["pins"],
+                    str(r["last_committed_at"] or "-")[:19],
+                )
+                for r in runs
+            ],
+            ["run", "committed", "deleted", "damaged", "last step", "on disk", "pins", "last commit (UTC)"],
+        )
+    )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Show one checkpoint: state, files with sizes and digests, scores, metadata and state history.
+
+    Example: ckptdb show --dir ckpts my-run 1000
+    """
+    from ckptdb.analysis import checkpoint_detail
+
+    d = checkpoint_detail(_url(args), args.run, args.step)
+    c = d["checkpoint"]
+    if args.json:
+        _print_json(
+            {
+                "run": d["run"],
+                "checkpoint_dir": d["checkpoint_dir"],
+                "step": c.step_nr,
+                "state": c.state,
+                "directory": c.directory,
+                "created_at": c.created_at,
+                "committed_at": c.committed_at,
+                "deleted_at": c.deleted_at,
+                "delete_reason": c.delete_reason,
+                "model_preserved": c.model_preserved,
+                "verified_at": c.verified_at,
+                "verify_result": c.verify_result,
+                "writer": {"host": c.writer_host, "pid": c.writer_pid, "world_size": c.world_size},
+                "versions": {"ckptdb": c.ckptdb_version, "torch": c.torch_version},
+                "total_bytes": c.total_bytes,
+                "scores": c.scores,
+                "pins": d["pins"],
+                "metadata": c.user_metadata,
+                "model_metadata": d["model_metadata"],
+                "files": [
+                    {
+                        "path": f.path,
+                        "bytes": f.size_bytes,
+                        "hash": f"{f.hash_algorithm}:{f.digest}",
+                        "kind": f.kind,
+                        "rank": f.rank,
+                        "removed": f.removed,
+                    }
+                    for f in d["files"]
+                ],
+                "history": d["events"],
+                "other_rows": [{"id": r.id, "state": r.state, "created_at": r.created_at} for r in d["other_rows"]],
+            }
+        )
+        return 0
+    print(f"run        {d['run']}  ({d['checkpoint_dir']})")
+    print(f"step       {c.step_nr}  [{c.state}{', model kept' if c.model_preserved else ''}]  {c.directory}/")
+    print(f"committed  {_time(c.committed_at)}   created {_time(c.created_at)}")
+    if c.deleted_at is not None:
+        print(f"deleted    {_time(c.deleted_at)}   reason: {c.delete_reason}")
+    print(f"verified   {_time(c.verified_at)}   result: {c.verify_result or '-'}")
+    print(f"writer     {c.writer_host} pid {c.writer_pid}, world size {c.world_size}, ckptdb {c.ckptdb_version}")
+    print(f"size       {_human_bytes(c.total_bytes)} in {c.file_count} files")
+    if d["pins"]:
+        print(f"pins       {', '.join(sorted(d['pins']))}")
+    if c.scores:
+        print("scores     " + ", ".join(f"{k}={v:.6g}" if v is not None else f"{k}=None" for k, v in c.scores.items()))
+    if c.user_metadata:
+        print(f"metadata   {json.dumps(c.user_metadata, default=str)}")
+    if d["model_metadata"]:
+        print(f"model.yaml {json.dumps(d['model_metadata'], default=str)}")
+    print("\nfiles")
+    print(
+        table(
+            [
+                (f.path, f.size_bytes, f"{f.hash_algorithm}:{f.digest}", f.kind, "removed" if f.removed else "")
+                for f in d["files"]
+            ],
+            ["path", "bytes", "digest", "kind", ""],
+        )
+    )
+    print("\nhistory")
+    print(
+        table(
+            [
+                (_time(e["at"]), e["from_state"] or "-", e["to_state"], e["reason"] or "", e["host"])
+                for e in d["events"]
+            ],
+            ["at", "from", "to", "reason", "host"],
+        )
+    )
+    if d["other_rows"]:
+        others = ", ".join(f"#{r.id} {r.state}" for r in d["other_rows"])
+        print(f"\nother rows for this step: {others}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Plot a metric over steps, marking kept, deleted, pinned and corrupt checkpoints (matplotlib).
+
+    Example: ckptdb plot --dir ckpts my-run --metric valid_loss --lower-better -o curve.png
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CheckpointError("`ckptdb plot` needs matplotlib: pip install 'ckptdb[plot]'") from None
+    from ckptdb.analysis import plot_metric
+
+    lower = True if args.lower_better else (False if args.higher_better else None)
+    pts = plot_metric(_url(args), args.run, args.metric, Path(args.output), lower_better=lower)
+    print(f"wrote {args.output}: {len(pts)} checkpoints of run {args.run!r} by {args.metric!r}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a run's model weights (last, best by a metric, a pinned label or a step) as safetensors.
+
+    Example: ckptdb export --dir ckpts my-run --best valid_loss --lower-better -o model.safetensors
+    """
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise CheckpointError("`ckptdb export` needs safetensors: pip install 'ckptdb[export]'") from None
+    import torch
+
+    from ckptdb.loader import load_model, locate_model
+
+    source = _url(args)
+    select: str | int = "last"
+    metric = "score"
+    if args.best is not None:
+        select, metric = "best", args.best
+    elif args.step is not None:
+        select = args.step
+    elif args.pin is not None:
+        select = args.pin
+    _, sel = locate_model(source, run=args.run, select=select, metric=metric, lower_better=args.lower_better)
+    state_dict, card = load_model(source, run=args.run, select=sel.checkpoint.step_nr, verify=not args.no_verify)
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(
+                f"model entry {k!r} is a {type(v).__name__}, not a tensor: safetensors cannot hold it"
+            )
+        tensors[k] = v.detach().to("cpu").contiguous().clone()
+    meta = {
+        "run": sel.run.name,
+        "step": str(sel.checkpoint.step_nr),
+        "ckptdb_source_digest": f"{sel.model_file.hash_algorithm}:{sel.model_file.digest}",
+    }
+    if card is not None:
+        meta["model_metadata"] = json.dumps(card, default=str)
+    if sel.checkpoint.scores:
+        meta["scores"] = json.dumps(sel.checkpoint.scores)
+    save_file(tensors, args.output, metadata=meta)
+    print(f"wrote {args.output}: run {sel.run.name!r} step {sel.checkpoint.step_nr}, {len(tensors)} tensors")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Adopt an existing fairseq2 checkpoint directory: hash every step_<N>/ into the catalog (idempotent).
+
+    Example: ckptdb import /data/run7/checkpoints --run run7 --dry-run
+    """
+    from ckptdb.importer import import_directory
+
+    directory = Path(args.directory).expanduser().resolve()
+    if args.url or args.dir or os.environ.get("CKPTDB_URL"):
+        url = _url(args)
+    else:
+        url = sqlite_url(directory / layout.CATALOG_FILE)
+    rep = import_directory(url, directory, run=args.run, dry_run=args.dry_run, hash_algorithm=args.hash)
+    if args.json:
+        _print_json(rep.as_dict())
+        return 0
+    verb = "would adopt" if rep.dry_run else "adopted"
+    print(f"run {rep.run}  ({rep.checkpoint_dir})  catalog {masked(url)}")
+    if rep.steps:
+        print(
+            table(
+                [(s.step_nr, len(s.files), _human_bytes(s.total_bytes), s.scores.get("score", "-")) for s in rep.steps],
+                ["step", "files", "size", "score"],
+            )
+        )
+    print(f"{verb} {len(rep.adopted)} checkpoint(s); {len(rep.already)} already in the catalog")
+    for name, why in sorted(rep.skipped.items()):
+        print(f"skipped {name}: {why}")
+    for w in rep.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def _add_analysis_commands(sub: Any) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    def add(name: str, fn: Handler) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0], description=fn.__doc__, formatter_class=fmt)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("sql", cmd_sql)
+    _catalog_args(p)
+    p.add_argument("query", help="one SQL statement (reads only; see docs/sql.md for the views)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--csv", action="store_true", help="CSV with a header row")
+    out.add_argument("--json", action="store_true", help="a JSON list of objects")
+
+    p = add("runs", cmd_runs)
+    _catalog_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("show", cmd_show)
+    _catalog_args(p)
+    p.add_argument("run", help="run name")
+    p.add_argument("step", type=int, help="step number")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("plot", cmd_plot)
+    _catalog_args(p)
+    p.add_argument("run", help="run name")
+    p.add_argument("--metric", default="score", help="metric name (default: score)")
+    p.add_argument("-o", "--output", required=True, help="image file (.png, .svg, .pdf)")
+    d = p.add_mutually_exclusive_group()
+    d.add_argument("--lower-better", action="store_true", help="annotate the lowest value as best")
+    d.add_argument("--higher-better", action="store_true", help="annotate the highest value as best")
+
+    p = add("export", cmd_export)
+    _catalog_args(p)
+    p.add_argument("run", nargs="?", help="run name (default: the catalog's only run, or the directory's run)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--best", metavar="METRIC", help="the best committed checkpoint by METRIC")
+    w.add_argument("--last", action="store_true", help="the newest committed checkpoint (default)")
+    w.add_argument("--step", type=int, help="this step")
+    w.add_argument("--pin", metavar="LABEL", help="the step pinned under LABEL")
+    p.add_argument("--lower-better", action="store_true", help="with --best: lower values are better")
+    p.add_argument("--no-verify", action="store_true", help="skip the digest check of the model file")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+
+    p = add("import", cmd_import)
+    _catalog_args(p)
+    p.add_argument("directory", help="a fairseq2 checkpoint directory (model.yaml, step_<N>/ ...)")
+    p.add_argument("--run", help="run name (default: the directory's absolute path)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be adopted; change nothing")
+    p.add_argument("--hash", default="xxh3_128", help="hash algorithm: xxh3_128 (default), sha256, blake3")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -215,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_db_current)
     p = dbsub.add_parser("history", help=cmd_db_history.__doc__, description=cmd_db_history.__doc__)
     p.set_defaults(func=cmd_db_history)
+    _add_analysis_commands(sub)
     return parser
 
 

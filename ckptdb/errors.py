@@ -81,3 +81,7 @@ class SchemaOutOfDateError(CatalogError):
 
 class ConcurrentModificationError(CatalogError):
     """Another process changed the same checkpoint first (e.g. two writers of one step)."""
+
+
+class UnsupportedCheckpointError(CheckpointError, NotImplementedError):
+    """A checkpoint ckptdb cannot read this way yet (e.g. a sharded model for ``load_model``)."""

@@ -123,7 +123,11 @@ def recover_run(
         if step is not None:
             by_step.setdefault(step, []).append(p)
 
-    owners = {p: read_owner(p) for ps in by_step.values() for p in ps}
+    def owner(p: Path) -> str | None:
+        wd = layout.parse_work_dir(p.name)
+        return read_owner(p) or (wd.token if wd is not None else None)
+
+    owners = {p: owner(p) for ps in by_step.values() for p in ps}
     rows = catalog.by_tokens(t for t in owners.values() if t)
     for step, dirs in sorted(by_step.items()):
         if step in live_pending:
@@ -197,14 +201,17 @@ def _reconcile_step(
             continue
         o = owners[d]
         is_final = d == final
-        if o is None and is_final:
-            # no token: a directory ckptdb did not write (or one being adopted)
+        if o is None and not is_final:
+            wd = layout.parse_work_dir(d.name)
+            o = wd.token if wd is not None else None  # crashed between mkdir and the token file
+        if o is None:
+            # no token: a directory ckptdb did not write (a user's, or fairseq2's own `step_N.tmp`)
             rep.foreign.append(d.name)
             if remove_foreign:
                 remove_tree(d, fsync=fsync)
                 rep.removed.append(d.name)
             continue
-        if o is not None and o not in rows and is_final:
+        if o not in rows:
             rep.foreign.append(d.name)  # written by another catalog: leave it
             continue
         row = rows.get(o or "")

@@ -20,6 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 
+from ckptdb.catalog.models import VIEW_NAMES
 from ckptdb.catalog.session import get_engine, masked, translate
 from ckptdb.errors import CatalogError, SchemaOutOfDateError
 
@@ -32,6 +33,11 @@ def alembic_config(url: str | None = None) -> Config:
     if url is not None:
         cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
+
+
+def include_object(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+    """For autogenerate / compare_metadata: the analysis views (revision 0002) are not ORM tables."""
+    return not (type_ == "table" and name in VIEW_NAMES)
 
 
 def head_revision() -> str:

@@ -48,6 +48,9 @@ class State(str, enum.Enum):
     MISSING = "missing"  # files gone behind the catalog's back
 
 
+# Read-only views created by migration 0002 (docs/sql.md); not ORM tables, so autogenerate skips them.
+VIEW_NAMES = ("checkpoint_summary", "checkpoint_scores", "run_summary")
+
 LIVE_STATES = (State.COMMITTED, State.DELETING, State.CORRUPT, State.MISSING)
 
 
@@ -125,6 +128,8 @@ class Checkpoint(Base):
             postgresql_where=text("state = 'pending'"),
         ),
         Index("ix_checkpoints_run_id_state_step_nr", "run_id", "state", "step_nr"),
+        # cross-run questions ("every corrupt checkpoint", "commits in the last day"): revision 0002
+        Index("ix_checkpoints_state_committed_at", "state", "committed_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

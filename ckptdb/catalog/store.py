@@ -588,3 +588,117 @@ class Catalog:
                 .limit(1)
             ).scalar_one_or_none()
             return None if c is None else _ckpt_info(c)
+
+    # -- adoption and inspection (ckptdb import / show / load_model) ----------------------------
+
+    def adopt(
+        self,
+        run_id: int,
+        step_nr: int,
+        directory: str,
+        files: Iterable[ShardInfo],
+        scores: Mapping[str, float],
+        writer: WriterInfo,
+        *,
+        hash_algorithm: str,
+        written_at: datetime | None = None,
+        reason: str = "imported",
+        user_metadata: dict[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Record an existing, complete step directory as a committed checkpoint with its shards and scores.
+
+        One transaction: refuses (CheckpointExistsError) when the step already has a live or pending
+        row, so adopting twice is harmless. The row gets a fresh token, but its directory carries no
+        ``.ckptdb_token`` file (the user's files are never modified); recovery treats a tokenless
+        ``step_<N>`` directory as belonging to the step's live row.
+        """
+        import secrets
+
+        files = list(files)
+        now = utcnow()
+        at = written_at or now
+        with self.db.transaction() as s:
+            taken = s.execute(
+                select(Checkpoint.state).where(
+                    Checkpoint.run_id == run_id,
+                    Checkpoint.step_nr == step_nr,
+                    Checkpoint.state.in_([*_LIVE, State.PENDING.value]),
+                )
+            ).first()
+            if taken is not None:
+                raise CheckpointExistsError(
+                    f"step {step_nr} already has a {State(taken[0]).value} checkpoint in the catalog", step_nr=step_nr
+                )
+            c = Checkpoint(
+                run_id=run_id,
+                step_nr=step_nr,
+                state=State.COMMITTED,
+                token=secrets.token_hex(8),
+                directory=directory,
+                created_at=at,
+                committed_at=at,
+                state_changed_at=now,
+                heartbeat_at=now,
+                writer_host=writer.host,
+                writer_pid=writer.pid,
+                writer_start_time=writer.start_time,
+                ckptdb_version=writer.ckptdb_version,
+                torch_version=writer.torch_version,
+                python_version=writer.python_version,
+                world_size=writer.world_size,
+                hash_algorithm=hash_algorithm,
+                model_preserved=False,
+                total_bytes=sum(f.size_bytes for f in files),
+                file_count=len(files),
+                user_metadata=user_metadata,
+            )
+            s.add(c)
+            s.flush()
+            for f in files:
+                s.add(
+                    Shard(
+                        checkpoint_id=c.id,
+                        path=f.path,
+                        size_bytes=f.size_bytes,
+                        hash_algorithm=f.hash_algorithm,
+                        digest=f.digest,
+                        rank=f.rank,
+                        kind=f.kind,
+                    )
+                )
+            for metric, value in scores.items():
+                v, raw = _score_columns(value)
+                s.add(Score(checkpoint_id=c.id, metric=metric, value=v, raw_value=raw))
+            self._event(s, c.id, None, State.COMMITTED.value, reason, (writer.host, writer.pid))
+            s.flush()
+            return _ckpt_info(c, {m: _score_columns(v)[0] for m, v in scores.items()})
+
+    def events(self, ckpt_id: int) -> list[dict[str, Any]]:
+        """A checkpoint's state history (``checkpoint_events``), oldest first."""
+        with self.db.transaction(readonly=True) as s:
+            return [
+                {
+                    "at": e.at,
+                    "from_state": e.from_state,
+                    "to_state": e.to_state,
+                    "reason": e.reason,
+                    "host": e.host,
+                    "pid": e.pid,
+                }
+                for e in s.execute(
+                    select(CheckpointEvent)
+                    .where(CheckpointEvent.checkpoint_id == ckpt_id)
+                    .order_by(CheckpointEvent.at, CheckpointEvent.id)
+                ).scalars()
+            ]
+
+    def pin_step(self, run_id: int, label: str) -> int | None:
+        """The step a pin label points at, or None."""
+        with self.db.transaction(readonly=True) as s:
+            return s.execute(select(Pin.step_nr).where(Pin.run_id == run_id, Pin.label == label)).scalar_one_or_none()
+
+    def only_run(self) -> RunInfo | None:
+        """The catalog's run when it has exactly one (so callers may omit the run name)."""
+        with self.db.transaction(readonly=True) as s:
+            runs = list(s.execute(select(Run).limit(2)).scalars())
+            return _run_info(runs[0]) if len(runs) == 1 else None

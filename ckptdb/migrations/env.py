@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
+from ckptdb.catalog.migrate import include_object
 from ckptdb.catalog.models import Base
 
 config = context.config
@@ -25,6 +26,7 @@ def _run(connection: object) -> None:
     context.configure(
         connection=connection,  # type: ignore[arg-type]
         target_metadata=target_metadata,
+        include_object=include_object,
         render_as_batch=True,  # SQLite cannot ALTER most things in place
         compare_type=True,
     )

@@ -323,3 +323,12 @@ def test_fairseq2_directory_hint(tmp_path: Path, catalog_url: str) -> None:
     m = FileCheckpointManager(d, catalog=catalog_url)
     with pytest.raises(CheckpointNotFoundError, match="ckptdb import"):
         m.load_last_checkpoint()
+
+
+def test_fairseq2_tmp_directories_are_left_alone(tmp_path: Path, catalog_url: str) -> None:
+    d = tmp_path / "fs2"
+    (d / "step_5.tmp").mkdir(parents=True)
+    (d / "step_5.tmp" / "rank_0.pt").write_bytes(b"partial")
+    m = FileCheckpointManager(d, catalog=catalog_url)
+    assert (d / "step_5.tmp" / "rank_0.pt").exists()
+    assert m.last_recovery is not None and "step_5.tmp" in m.last_recovery.foreign

@@ -44,10 +44,11 @@ def test_db_commands(tmp_path: Path) -> None:
     assert r.returncode == 1 and "(none)" in r.stdout
     r = run_cli("db", "upgrade", "--url", url)
     assert r.returncode == 0, r.stderr
-    assert "(empty) -> 0001" in r.stdout
+    assert "(empty) -> 0002" in r.stdout
     r = run_cli("db", "current", "--url", url, "--json")
     assert json.loads(r.stdout)["up_to_date"] is True
-    assert "0001" in run_cli("db", "history").stdout
+    history = run_cli("db", "history").stdout
+    assert "0001" in history and "0002  Analysis views" in history
 
 
 def test_errors_are_clear_and_passwords_hidden() -> None:
