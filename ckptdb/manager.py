@@ -596,6 +596,9 @@ class FileCheckpointManager:
         except CheckpointCorruptError as e:
             self._mark_damaged(info, e)
             raise
+        except UnsafeCheckpointFileError as e:  # a file swapped for a hostile pickle: damage too
+            self._mark_damaged(info, CheckpointCorruptError(info.step_nr, s.path, "a weights-only torch file", str(e)))
+            raise
 
     def load_last_checkpoint(self, *, verify: str | None = None) -> tuple[int, dict[str, Any]]:
         """Load the newest committed checkpoint.
@@ -714,10 +717,13 @@ class FileCheckpointManager:
 
     def apply_retention(self, policy: Any, *, preserve_model: bool = False) -> list[int]:
         """Apply a retention policy (see :mod:`ckptdb.retention`); returns the deleted steps."""
-        from ckptdb import retention
+        from ckptdb import retention, verify
 
         def coordinator() -> list[int]:
             plan = retention.plan(self.catalog, self._run.id, policy)
+            # never count a checkpoint damaged behind our back as one of the kept ones
+            while verify.mark_damaged_by_size(self.catalog, self._run, self.checkpoint_dir, plan.keep, self._who):
+                plan = retention.plan(self.catalog, self._run.id, policy)
             deleted = []
             for step in plan.delete:
                 try:
