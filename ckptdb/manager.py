@@ -681,9 +681,17 @@ class FileCheckpointManager:
             if missing_ok:
                 return
             raise CheckpointNotFoundError(f"step {step_nr} has no committed checkpoint to delete", step_nr=step_nr)
+        if not os.access(self.checkpoint_dir, os.W_OK):
+            raise CheckpointError(f"step {step_nr}: {str(self.checkpoint_dir)!r} is read-only; nothing was deleted")
         self.catalog.mark_deleting(live.id, reason, self._who, preserve_model=preserve_model)
         info = dataclasses.replace(live, model_preserved=preserve_model)
-        finish_delete(self.catalog, info, self.checkpoint_dir, self._who, fsync=self.save_options.fsync)
+        try:
+            finish_delete(self.catalog, info, self.checkpoint_dir, self._who, fsync=self.save_options.fsync)
+        except OSError as e:
+            raise CheckpointError(
+                f"step {step_nr}: removing its files failed ({e}); it is marked 'deleting' and the deletion "
+                "finishes on the next open"
+            ) from e
 
     def keep_last_n_checkpoints(self, n: int, *, preserve_model: bool = False) -> list[int]:
         """Delete all but the newest ``n`` committed checkpoints (pinned ones are never deleted).

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import signal
@@ -296,6 +297,7 @@ def main() -> int:
     p.add_argument("--max-delay", type=float, default=1.0, help="kill after uniform(0, this) seconds")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--exec", action="store_true", help="start each writer as a fresh interpreter (slower)")
+    p.add_argument("--verbose", action="store_true", help="show recovery reports")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--journal", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -304,6 +306,8 @@ def main() -> int:
         writer(args.dir, args.url, args.journal, args.seed)
         return 0
     torch.set_num_threads(1)
+    if not args.verbose:
+        logging.getLogger("ckptdb").setLevel(logging.ERROR)
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     args.dir.mkdir(parents=True, exist_ok=True)
