@@ -134,10 +134,10 @@ def test_hostile_names_and_metadata_keys_are_data(tmp_path: Path, catalog_url: s
     m.save_state(make_state(1))
     meta = {"../../escape": 1, "x'); DELETE FROM shards; --": 2, "名前 %s %(x)s ?": 3, "k" * 255: 4}
     m.save_metadata(meta)
-    m.save_score(0.5, metric="loss\"; DROP TABLE scores; --")
+    m.save_score(0.5, metric='loss"; DROP TABLE scores; --')
     m.commit_checkpoint()
     assert m.load_metadata(1) == meta
-    assert m.get_checkpoints()[0].scores == {"loss\"; DROP TABLE scores; --": 0.5}
+    assert m.get_checkpoints()[0].scores == {'loss"; DROP TABLE scores; --': 0.5}
     assert sorted(p.name for p in d.iterdir() if p.name.startswith("step_")) == ["step_1"]
     assert not (tmp_path / "escape").exists() and not Path("/tmp/evil").exists()
     assert sql(catalog_url, "SELECT count(*) FROM shards") == [(3,)]  # model, rank_0, metadata
