@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -272,16 +271,19 @@ def test_read_only_checkpoint_directory(small_fs: Path, catalog_url: str, caplog
         "sqlite:////nonexistent-dir-ckptdb/catalog.db",
     ],
 )
-def test_unreachable_catalog_fails_before_any_payload(tmp_path: Path, url: str) -> None:
+def test_unreachable_catalog_fails_before_any_payload(
+    tmp_path: Path, url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = tmp_path / "ckpt"
     with pytest.raises(CatalogUnavailableError) as ei:
         FileCheckpointManager(d, catalog=url)
     assert PASSWORD not in str(ei.value) and PASSWORD not in repr(ei.value)
     assert list(d.iterdir()) == [] if d.exists() else True  # no step directory, no file
-    r = subprocess.run(
-        [sys.executable, "-m", "ckptdb.cli", "verify", "--url", url], capture_output=True, text=True, timeout=120
-    )
-    assert r.returncode == 2 and "ckptdb: error" in r.stderr and PASSWORD not in r.stderr + r.stdout
+    from ckptdb.cli import main
+
+    assert main(["verify", "--url", url]) == 2
+    out = capsys.readouterr()
+    assert "ckptdb: error" in out.err and PASSWORD not in out.err + out.out
 
 
 class Proxy:

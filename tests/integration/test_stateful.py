@@ -201,7 +201,7 @@ def test_random_operation_sequences(sqlite_template: Path) -> None:
     run_state_machine_as_test(
         CheckpointMachine,
         settings=settings(
-            max_examples=15,
+            max_examples=10,
             stateful_step_count=25,
             deadline=None,
             database=None,

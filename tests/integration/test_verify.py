@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -130,25 +128,17 @@ def test_restored_checkpoint_becomes_committed_again(mgr: FileCheckpointManager,
     assert_state_equal(mgr.load_checkpoint(20), make_state(20))
 
 
-def test_verify_cli_selection_progress_and_errors(mgr: FileCheckpointManager, catalog_url: str) -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "ckptdb.cli", "verify", "--url", catalog_url, "exp", "--step", "20", "--progress"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr
-    assert "OK       exp  step 20" in r.stdout and "1 checkpoint(s) verified, 0 with problems" in r.stdout
-    assert "verify [" in r.stderr and "100%" in r.stderr
-    r = subprocess.run(
-        [sys.executable, "-m", "ckptdb.cli", "verify", "--url", catalog_url, "nope"], capture_output=True, text=True
-    )
-    assert r.returncode == 2 and "no run named 'nope'" in r.stderr
-    r = subprocess.run(
-        [sys.executable, "-m", "ckptdb.cli", "verify", "--dir", str(mgr.checkpoint_dir / "nowhere")],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 2 and "ckptdb: error" in r.stderr
+def test_verify_cli_selection_progress_and_errors(
+    mgr: FileCheckpointManager, catalog_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", "--url", catalog_url, "exp", "--step", "20", "--progress"]) == 0
+    out = capsys.readouterr()
+    assert "OK       exp  step 20" in out.out and "1 checkpoint(s) verified, 0 with problems" in out.out
+    assert "verify [" in out.err and "100%" in out.err
+    assert main(["verify", "--url", catalog_url, "nope"]) == 2
+    assert "no run named 'nope'" in capsys.readouterr().err
+    assert main(["verify", "--dir", str(mgr.checkpoint_dir / "nowhere")]) == 2
+    assert "ckptdb: error" in capsys.readouterr().err
 
 
 def test_progress_bar_draws_to_its_stream() -> None:
