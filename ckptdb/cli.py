@@ -193,7 +193,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _print_json({"ok": report.ok, "checkpoints": [r.as_dict() for r in report.results]})
         return 0 if report.ok else 1
     for r in report.results:
-        print(f"{r.result.upper():8} {r.run}  step {r.step_nr}  ({r.files_checked} files, {r.state_after})")
+        files = f"{r.files_checked} file{'' if r.files_checked == 1 else 's'}"
+        print(f"{r.result.upper():8} {r.run}  step {r.step_nr}  ({files}, {r.state_after})")
         for p in r.problems:
             print(f"         {p.describe()}")
         if r.note:
