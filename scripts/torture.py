@@ -370,6 +370,10 @@ def main() -> int:
         for i in range(args.kills):
             journal = journals / f"{i:05d}.jsonl"
             pid = spawn(args, journal, rng.randrange(1 << 30))
+            if args.exec:  # a fresh interpreter: start the clock once it has imported everything
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline and not (journal.exists() and journal.stat().st_size):
+                    time.sleep(0.01)
             time.sleep(rng.uniform(0.0, args.max_delay))
             try:
                 os.kill(pid, signal.SIGKILL)
