@@ -484,6 +484,34 @@ def _add_analysis_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-hash every file of committed checkpoints and compare with the catalog (exit 1 if any is bad)."""
+    from ckptdb import verify
+
+    show_bar = sys.stderr.isatty() if args.progress is None else args.progress
+    report = verify.verify(
+        Catalog(_url(args), create=False),
+        run=args.run,
+        step_nr=args.step,
+        include_damaged=args.all,
+        digest=not args.size_only,
+        progress_stream=sys.stderr if show_bar else None,
+    )
+    if args.json:
+        _print_json({"ok": report.ok, "checkpoints": [r.as_dict() for r in report.results]})
+        return 0 if report.ok else 1
+    for r in report.results:
+        files = f"{r.files_checked} file{'' if r.files_checked == 1 else 's'}"
+        print(f"{r.result.upper():8} {r.run}  step {r.step_nr}  ({files}, {r.state_after})")
+        for p in r.problems:
+            print(f"         {p.describe()}")
+        if r.note:
+            print(f"         {r.note}")
+    bad = report.bad
+    print(f"{len(report.results)} checkpoint(s) verified, {len(bad)} with problems")
+    return 0 if report.ok else 1
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -506,6 +534,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include aborted, superseded and deleted checkpoints")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("verify", help=cmd_verify.__doc__, description=cmd_verify.__doc__)
+    _catalog_args(p)
+    p.add_argument("run", nargs="?", help="a run name (omit: every run)")
+    p.add_argument("--step", type=int, help="only this step")
+    p.add_argument("--all", action="store_true", help="also re-check checkpoints already marked corrupt or missing")
+    p.add_argument("--size-only", action="store_true", help="compare sizes only (no re-hashing)")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a TTY)"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_verify)
 
     db = sub.add_parser("db", help="schema migrations: upgrade, downgrade, current, history")
     dbsub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")

@@ -530,8 +530,7 @@ class FileCheckpointManager:
         return live, self.catalog.shards(live.id)
 
     def _verify_and_mark(self, info: CheckpointInfo, shards: list[ShardInfo], verify: str) -> None:
-        if verify == "none":
-            return
+        # sizes are always checked (a stat per file); digests unless verify="size"
         step_dir = self.checkpoint_dir / info.directory
         try:
             for s in shards:
@@ -602,6 +601,9 @@ class FileCheckpointManager:
             return load_torch(layout.resolve_inside(step_dir, s.path), info.step_nr, mmap=self.load_options.mmap)
         except CheckpointCorruptError as e:
             self._mark_damaged(info, e)
+            raise
+        except UnsafeCheckpointFileError as e:  # a file swapped for a hostile pickle: damage too
+            self._mark_damaged(info, CheckpointCorruptError(info.step_nr, s.path, "a weights-only torch file", str(e)))
             raise
 
     def load_last_checkpoint(self, *, verify: str | None = None) -> tuple[int, dict[str, Any]]:
@@ -693,9 +695,17 @@ class FileCheckpointManager:
             if missing_ok:
                 return
             raise CheckpointNotFoundError(f"step {step_nr} has no committed checkpoint to delete", step_nr=step_nr)
+        if not os.access(self.checkpoint_dir, os.W_OK):
+            raise CheckpointError(f"step {step_nr}: {str(self.checkpoint_dir)!r} is read-only; nothing was deleted")
         self.catalog.mark_deleting(live.id, reason, self._who, preserve_model=preserve_model)
         info = dataclasses.replace(live, model_preserved=preserve_model)
-        finish_delete(self.catalog, info, self.checkpoint_dir, self._who, fsync=self.save_options.fsync)
+        try:
+            finish_delete(self.catalog, info, self.checkpoint_dir, self._who, fsync=self.save_options.fsync)
+        except OSError as e:
+            raise CheckpointError(
+                f"step {step_nr}: removing its files failed ({e}); it is marked 'deleting' and the deletion "
+                "finishes on the next open"
+            ) from e
 
     def keep_last_n_checkpoints(self, n: int, *, preserve_model: bool = False) -> list[int]:
         """Delete all but the newest ``n`` committed checkpoints (pinned ones are never deleted).
@@ -729,10 +739,13 @@ class FileCheckpointManager:
 
     def apply_retention(self, policy: Any, *, preserve_model: bool = False) -> list[int]:
         """Apply a retention policy (see :mod:`ckptdb.retention`); returns the deleted steps."""
-        from ckptdb import retention
+        from ckptdb import retention, verify
 
         def coordinator() -> list[int]:
             plan = retention.plan(self.catalog, self._run.id, policy)
+            # never count a checkpoint damaged behind our back as one of the kept ones
+            while verify.mark_damaged_by_size(self.catalog, self._run, self.checkpoint_dir, plan.keep, self._who):
+                plan = retention.plan(self.catalog, self._run.id, policy)
             deleted = []
             for step in plan.delete:
                 try:

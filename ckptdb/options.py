@@ -27,8 +27,8 @@ class LoadOptions:
     """How checkpoints are read.
 
     Attributes:
-        verify: ``"digest"`` (sizes and hashes, the default), ``"size"`` (sizes only, faster) or
-            ``"none"``.
+        verify: ``"digest"`` (sizes and hashes, the default) or ``"size"`` (sizes only, faster).
+            File sizes are checked on every load whatever this says.
         mmap: memory-map files instead of reading them into memory.
         fallback: ``load_last_checkpoint()`` skips a corrupt or missing newest checkpoint (with a
             warning, recorded in the catalog) and returns the newest intact one. ``False`` raises.
@@ -39,8 +39,8 @@ class LoadOptions:
     fallback: bool = True
 
     def __post_init__(self) -> None:
-        if self.verify not in ("digest", "size", "none"):
-            raise ValueError(f"LoadOptions.verify must be 'digest', 'size' or 'none', not {self.verify!r}")
+        if self.verify not in ("digest", "size"):
+            raise ValueError(f"LoadOptions.verify must be 'digest' or 'size', not {self.verify!r}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -417,6 +417,15 @@ class Catalog:
         except ConcurrentModificationError:
             return False
 
+    def mark_intact(self, ckpt_id: int, reason: str, who: tuple[str, int]) -> bool:
+        """corrupt / missing -> committed (verify found every file matching again); False if it moved."""
+        try:
+            with self.db.transaction() as s:
+                self._move(s, ckpt_id, [State.CORRUPT, State.MISSING], State.COMMITTED, reason=reason, who=who)
+            return True
+        except ConcurrentModificationError:
+            return False
+
     def record_verified(self, ckpt_id: int, result: str) -> None:
         with self.db.transaction() as s:
             s.execute(

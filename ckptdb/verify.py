@@ -1,0 +1,398 @@
+"""Verify committed checkpoints against the catalog: every file's size and digest, re-hashed from disk.
+
+``ckptdb verify`` and :func:`verify` re-read every recorded file of the selected checkpoints with the
+algorithm its shard row was written with (so rows written under an older default keep verifying),
+and record the outcome on the checkpoint row (``verified_at``, ``verify_result``):
+
+=============  =============================================  ===========================
+result         what was found                                 checkpoint state afterwards
+=============  =============================================  ===========================
+``ok``         every file present, sizes and digests match    unchanged (``committed``)
+``extra``      all recorded files intact, plus files the       unchanged (loads ignore them)
+               catalog does not know (reported by name)
+``corrupt``    a file's size or digest differs                ``corrupt``
+``missing``    files (or the whole step directory) are gone,   ``missing``
+               none of the remaining ones altered
+``busy``       the step is being overwritten or deleted        unchanged (not judged)
+=============  =============================================  ===========================
+
+A checkpoint already marked ``corrupt`` / ``missing`` is re-checked with ``include_damaged=True``
+(CLI ``--all``); when its files match again (restored from a backup) it becomes ``committed``.
+Nothing here unpickles a file: verification reads bytes only.
+
+Example:
+    >>> report = verify(Catalog(url), run="exp1")
+    >>> report.ok, [r.step_nr for r in report.bad]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ckptdb import _proc
+from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, ShardInfo
+from ckptdb.catalog.models import State
+from ckptdb.storage import layout
+from ckptdb.storage.hashing import new_hasher
+
+_CHUNK = 8 << 20
+
+OK = "ok"
+EXTRA = "extra"
+CORRUPT = "corrupt"
+MISSING = "missing"
+BUSY = "busy"
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class FileProblem:
+    """One bad file. ``problem``: ``missing`` | ``size`` | ``digest`` | ``unreadable`` | ``extra``."""
+
+    path: str  # relative to the step directory
+    problem: str
+    expected: str | None = None  # e.g. "xxh3_128:<hex>" or "1234 bytes"
+    actual: str | None = None
+
+    def describe(self) -> str:
+        if self.problem == "extra":
+            return f"{self.path}: not in the catalog (added behind its back)"
+        if self.problem == "missing":
+            return f"{self.path}: missing (expected {self.expected})"
+        return f"{self.path}: {self.problem} mismatch: expected {self.expected}, actual {self.actual}"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointResult:
+    """The outcome of verifying one checkpoint."""
+
+    run: str
+    step_nr: int
+    checkpoint_id: int
+    directory: str
+    state_before: str
+    state_after: str
+    result: str
+    files_checked: int
+    bytes_hashed: int
+    problems: tuple[FileProblem, ...] = ()
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result in (OK, BUSY)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "step": self.step_nr,
+            "directory": self.directory,
+            "state_before": self.state_before,
+            "state": self.state_after,
+            "result": self.result,
+            "files_checked": self.files_checked,
+            "bytes_hashed": self.bytes_hashed,
+            "problems": [
+                {"path": p.path, "problem": p.problem, "expected": p.expected, "actual": p.actual}
+                for p in self.problems
+            ],
+            "note": self.note,
+        }
+
+
+@dataclass
+class VerifyReport:
+    results: list[CheckpointResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    @property
+    def bad(self) -> list[CheckpointResult]:
+        return [r for r in self.results if not r.ok]
+
+
+class Progress:
+    """A one-line progress bar on a stream (stderr), redrawn at most every 1 % of the work."""
+
+    def __init__(self, total_bytes: int, stream: IO[str] | None = None, *, width: int = 30) -> None:
+        self.total = max(total_bytes, 1)
+        self.done = 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.label = ""
+        self._last = -1
+
+    def set_label(self, label: str) -> None:
+        self.label = label
+        self._draw(force=True)
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        self._draw()
+
+    def _draw(self, *, force: bool = False) -> None:
+        pct = min(100, self.done * 100 // self.total)
+        if pct == self._last and not force:
+            return
+        self._last = pct
+        fill = pct * self.width // 100
+        gib = 1 << 30
+        self.stream.write(
+            f"\rverify [{'#' * fill}{'.' * (self.width - fill)}] {pct:3d}% "
+            f"{self.done / gib:.2f}/{self.total / gib:.2f} GiB {self.label[:40]:<40}"
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def hash_with_progress(path: Path, algorithm: str, progress: ProgressFn | None = None) -> tuple[int, str]:
+    """Read ``path`` once: (size in bytes, hex digest), reporting bytes read to ``progress``."""
+    h = new_hasher(algorithm)
+    size = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+            if progress is not None:
+                progress(n)
+    return size, h.hexdigest()
+
+
+def check_files(
+    step_dir: Path,
+    shards: Iterable[ShardInfo],
+    *,
+    digest: bool = True,
+    progress: ProgressFn | None = None,
+) -> tuple[list[FileProblem], int, int]:
+    """Compare the files under ``step_dir`` with their shard rows (no catalog access, no unpickling).
+
+    Returns (problems, files checked, bytes hashed). Files present on disk but not in ``shards``
+    come back as ``extra`` problems.
+    """
+    problems: list[FileProblem] = []
+    checked = hashed = 0
+    known = {layout.TOKEN_FILE}
+    for s in shards:
+        known.add(s.path)
+        checked += 1
+        try:
+            path = layout.resolve_inside(step_dir, s.path)
+        except ValueError:
+            problems.append(FileProblem(s.path, "unreadable", "a path inside the step directory", "an unsafe path"))
+            continue
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            problems.append(FileProblem(s.path, "missing", f"{s.size_bytes} bytes", None))
+            continue
+        except OSError as e:
+            problems.append(FileProblem(s.path, "unreadable", f"{s.size_bytes} bytes", str(e)))
+            continue
+        if size != s.size_bytes:
+            problems.append(FileProblem(s.path, "size", f"{s.size_bytes} bytes", f"{size} bytes"))
+            if progress is not None:
+                progress(s.size_bytes)
+            continue
+        if not digest:
+            continue
+        try:
+            _, actual = hash_with_progress(path, s.hash_algorithm, progress)
+        except OSError as e:
+            problems.append(FileProblem(s.path, "unreadable", f"{s.hash_algorithm}:{s.digest}", str(e)))
+            continue
+        hashed += size
+        if actual != s.digest:
+            problems.append(
+                FileProblem(s.path, "digest", f"{s.hash_algorithm}:{s.digest}", f"{s.hash_algorithm}:{actual}")
+            )
+    if step_dir.is_dir():
+        for p in sorted(step_dir.rglob("*")):
+            rel = p.relative_to(step_dir).as_posix()
+            if p.is_file() and rel not in known:
+                problems.append(FileProblem(rel, "extra", None, f"{p.stat().st_size} bytes"))
+    return problems, checked, hashed
+
+
+def classify(problems: Iterable[FileProblem]) -> str:
+    """``corrupt`` beats ``missing`` beats ``extra`` beats ``ok``."""
+    kinds = {p.problem for p in problems}
+    if kinds & {"size", "digest", "unreadable"}:
+        return CORRUPT
+    if "missing" in kinds:
+        return MISSING
+    if "extra" in kinds:
+        return EXTRA
+    return OK
+
+
+def select(
+    catalog: Catalog,
+    *,
+    run: str | None = None,
+    step_nr: int | None = None,
+    include_damaged: bool = False,
+) -> list[tuple[RunInfo, CheckpointInfo]]:
+    """The checkpoints to verify: committed ones (plus corrupt / missing with ``include_damaged``)."""
+    states = [State.COMMITTED.value]
+    if include_damaged:
+        states += [State.CORRUPT.value, State.MISSING.value]
+    runs = [catalog.get_run(run)] if run is not None else [catalog.get_run(r["run"]) for r in catalog.list_runs()]
+    out = []
+    for r in runs:
+        for c in catalog.checkpoints(r.id, states=states, step_nr=step_nr, with_scores=False):
+            out.append((r, c))
+    return out
+
+
+def _busy(catalog: Catalog, run: RunInfo, info: CheckpointInfo) -> str | None:
+    """Why ``info`` must not be judged now (an overwrite or a delete is under way), or None."""
+    now = catalog.live(run.id, info.step_nr)
+    if now is None or now.id != info.id:
+        return "replaced or deleted during verification"
+    if now.state == State.DELETING.value:
+        return "being deleted"
+    pending = [c for c in catalog.in_states(run.id, [State.PENDING]) if c.step_nr == info.step_nr]
+    if pending:
+        return "being overwritten (a pending checkpoint of the same step exists)"
+    return None
+
+
+def verify_one(
+    catalog: Catalog,
+    run: RunInfo,
+    info: CheckpointInfo,
+    *,
+    digest: bool = True,
+    record: bool = True,
+    progress: ProgressFn | None = None,
+    who: tuple[str, int] | None = None,
+) -> CheckpointResult:
+    """Verify one checkpoint and record the outcome in the catalog (``record=False``: only report)."""
+    step_dir = Path(run.checkpoint_dir) / info.directory
+    shards = catalog.shards(info.id)
+    problems, checked, hashed = check_files(step_dir, shards, digest=digest, progress=progress)
+    result = classify(problems)
+    if not step_dir.exists() and shards:
+        result = MISSING
+    state_after = info.state
+    note = ""
+    if result in (CORRUPT, MISSING):
+        reason = _busy(catalog, run, info)
+        if reason is not None:
+            st = info.state
+            return CheckpointResult(run.name, info.step_nr, info.id, str(step_dir), st, st, BUSY, 0, 0, (), reason)
+    if record:
+        who = who or (_proc.hostname(), os.getpid())
+        if result in (CORRUPT, MISSING):
+            bad = "; ".join(p.describe() for p in problems if p.problem != "extra")
+            if catalog.mark_damaged(info.id, State(result), f"verify: {bad}"[:2000], who):
+                state_after = result
+            else:
+                note = "changed by another process; not marked"
+        else:
+            if info.state != State.COMMITTED.value:
+                if catalog.mark_intact(info.id, "verify: every file matches the catalog again", who):
+                    state_after = State.COMMITTED.value
+            catalog.record_verified(info.id, result)
+    return CheckpointResult(
+        run.name, info.step_nr, info.id, str(step_dir), info.state, state_after, result, checked, hashed,
+        tuple(problems), note,
+    )  # fmt: skip
+
+
+def verify(
+    catalog: Catalog,
+    *,
+    run: str | None = None,
+    step_nr: int | None = None,
+    include_damaged: bool = False,
+    digest: bool = True,
+    record: bool = True,
+    progress_stream: IO[str] | None = None,
+) -> VerifyReport:
+    """Verify the selected checkpoints (every run's committed ones by default).
+
+    Args:
+        catalog: the catalog to check against (and record results in).
+        run: only this run (by name).
+        step_nr: only this step.
+        include_damaged: also re-check checkpoints already marked ``corrupt`` / ``missing``.
+        digest: re-hash file contents (``False``: sizes only).
+        record: write ``verified_at`` / ``verify_result`` and state changes to the catalog.
+        progress_stream: draw a progress bar here (e.g. ``sys.stderr``); None: no bar.
+    """
+    chosen = select(catalog, run=run, step_nr=step_nr, include_damaged=include_damaged)
+    bar: Progress | None = None
+    if progress_stream is not None:
+        bar = Progress(sum(c.total_bytes or 0 for _, c in chosen), progress_stream)
+    report = VerifyReport()
+    try:
+        for r, c in chosen:
+            if bar is not None:
+                bar.set_label(f"{r.name[-24:]} step {c.step_nr}")
+            report.results.append(verify_one(catalog, r, c, digest=digest, record=record, progress=bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    return report
+
+
+def intact_sizes(checkpoint_dir: Path, info: CheckpointInfo, shards: Iterable[ShardInfo]) -> list[FileProblem]:
+    """The cheap check (one ``stat`` per file): size problems and missing files, no hashing."""
+    problems, _, _ = check_files(checkpoint_dir / info.directory, shards, digest=False)
+    return [p for p in problems if p.problem != "extra"]
+
+
+def mark_damaged_by_size(
+    catalog: Catalog, run: RunInfo, checkpoint_dir: Path, steps: Iterable[int], who: tuple[str, int]
+) -> list[int]:
+    """Stat the files of the committed ``steps`` (no hashing); mark those with missing or resized files.
+
+    Retention calls this on the checkpoints it is about to keep, so a checkpoint damaged behind the
+    catalog's back is never counted as one of the kept "last N" / "best N". Returns the steps marked.
+    """
+    marked = []
+    for step in steps:
+        info = catalog.live(run.id, step)
+        if info is None or info.state != State.COMMITTED.value:
+            continue
+        problems = intact_sizes(checkpoint_dir, info, catalog.shards(info.id))
+        if not problems or _busy(catalog, run, info) is not None:
+            continue
+        state = State(classify(problems))
+        bad = "; ".join(p.describe() for p in problems)
+        if catalog.mark_damaged(info.id, state, f"retention size check: {bad}"[:2000], who):
+            marked.append(step)
+    return marked
+
+
+__all__ = [
+    "CheckpointResult",
+    "FileProblem",
+    "Progress",
+    "VerifyReport",
+    "check_files",
+    "classify",
+    "intact_sizes",
+    "mark_damaged_by_size",
+    "select",
+    "verify",
+    "verify_one",
+]
