@@ -272,9 +272,18 @@ class FileCheckpointManager:
                 raise CheckpointError(
                     f"step {step_nr}: cannot create {str(writer.tmp_dir)!r}: {e}; nothing was saved"
                 ) from e
+            begun.append((info, token))
             return info, token
 
-        info, token = self._on_coordinator(coordinator, "begin_checkpoint")
+        begun: list[tuple[CheckpointInfo, str]] = []
+        try:
+            info, token = self._on_coordinator(coordinator, "begin_checkpoint")
+        except RankLostError:
+            if begun:  # the coordinator began it, then lost a peer: roll it back here and now
+                self._rollback(
+                    _Open(begun[0][0], step_nr, begun[0][1], self._writer(step_nr, begun[0][1])), "rank lost"
+                )
+            raise
         self._open = _Open(info if self.is_coordinator else None, step_nr, info.token, self._writer(step_nr, token))
 
     def _writer(self, step_nr: int, token: str) -> StepWriter:
@@ -359,8 +368,11 @@ class FileCheckpointManager:
             return keys
 
         # a refusal on any rank is raised on every rank; nothing is written and the checkpoint stays open
-        sharded = run_on_all(self.gang, check, "save_state")
-        agree(self.gang, sharded, "save_state: keys with sharded values")
+        try:
+            sharded = run_on_all(self.gang, check, "save_state")
+            agree(self.gang, sharded, "save_state: keys with sharded values")
+        except RankLostError as e:
+            raise self._fail(op, "save_state", e) from e
 
         def write() -> None:
             rest = {k: v for k, v in state.items() if k not in sharded}
@@ -434,7 +446,10 @@ class FileCheckpointManager:
                 validation.name(k, "metadata key")
             check_weights_only_safe(metadata, root="metadata")
 
-        run_on_all(self.gang, check, "save_metadata")  # a refusal reaches every rank; nothing written
+        try:
+            run_on_all(self.gang, check, "save_metadata")  # a refusal reaches every rank; nothing written
+        except RankLostError as e:
+            raise self._fail(op, "save_metadata", e) from e
         data = dict(metadata)
         op.user_metadata = _jsonable(data)
 
@@ -684,7 +699,11 @@ class FileCheckpointManager:
                 raise CheckpointNotFoundError(f"step {info.step_nr} has no state for this rank", step_nr=info.step_nr)
             return state
 
-        state = run_on_all(self.gang, load, "load_checkpoint")
+        try:
+            state = run_on_all(self.gang, load, "load_checkpoint")
+        except CheckpointCorruptError as e:  # found on any rank: the coordinator records it
+            self._mark_damaged(info, e)
+            raise
         if sharded_state is not None:
             self._load_sharded(info, shards, sharded_state, verify)
             state.update(sharded_state)

@@ -7,7 +7,10 @@ Run alone with ``pytest -m distributed``.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import torch
 
 from ckptdb import FileCheckpointManager
 from ckptdb.catalog.session import dispose_engines
-from tests.distributed.launch import check_ok, launch
+from tests.distributed.launch import ROOT, check_ok, launch
 from tests.helpers import assert_state_equal, work_dirs
 
 pytestmark = pytest.mark.distributed
@@ -134,3 +137,23 @@ def test_sigkilled_rank_fails_the_others_and_next_open_recovers(tmp_path: Path, 
     m.save_state({"x": torch.zeros(1)})
     m.commit_checkpoint()
     assert m.get_step_numbers() == [1, 2]
+
+
+def test_example_train_distributed_runs(tmp_path: Path) -> None:
+    """examples/train_distributed.py (FSDP2 on gloo, spawned ranks) trains, checkpoints and commits."""
+    ckpt = tmp_path / "ckpt"
+    args = ["--nproc", "2", "--steps", "4", "--every", "2", "--checkpoint-dir", str(ckpt)]
+    proc = subprocess.run(
+        [sys.executable, "examples/train_distributed.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "step 4:" in proc.stdout
+    dispose_engines()
+    m = FileCheckpointManager(ckpt)
+    assert m.get_step_numbers() == [2, 4]
+    assert set(m.load_checkpoint(4)["model"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
