@@ -157,3 +157,17 @@ def test_example_train_distributed_runs(tmp_path: Path) -> None:
     m = FileCheckpointManager(ckpt)
     assert m.get_step_numbers() == [2, 4]
     assert set(m.load_checkpoint(4)["model"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_hung_rank_fails_the_others_within_the_process_group_timeout(tmp_path: Path) -> None:
+    """A rank that stays alive but stops taking part is detected by the process group's timeout."""
+    url = _sqlite(tmp_path)
+    timeout = 4
+    results = launch("kill", 2, tmp_path, url=url, victim=1, how="stall", pg_timeout=timeout)
+    hung, survivor = results[1], results[0]
+    assert hung["rc"] == 3 and hung.get("missing")
+    assert survivor["ok"] and survivor["commit_error"][0] == "RankLostError", survivor
+    assert timeout - 1 < survivor["failed_after"] < timeout + 10
+    m = _reopen(tmp_path, url)
+    assert m.get_step_numbers() == [1] and _states(m) == {1: "committed", 2: "aborted"}
+    assert work_dirs(tmp_path / "ckpt") == []

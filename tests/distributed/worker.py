@@ -210,7 +210,10 @@ def kill(spec: Spec, rank: int, world: int) -> dict[str, Any]:
     m.begin_checkpoint(2)
     m.save_state(state)
     if rank == spec["victim"]:
-        os.kill(os.getpid(), signal.SIGKILL)  # a real SIGKILL, mid-save: files written, commit not reached
+        if spec.get("how", "kill") == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)  # a real SIGKILL, mid-save: files written, commit not reached
+        time.sleep(2 * spec["pg_timeout"])  # a hung rank: alive, but never reaches the commit
+        os._exit(3)
     started = time.monotonic()
     try:
         m.commit_checkpoint()
