@@ -11,6 +11,7 @@ from ckptdb.errors import (
     CheckpointNotFoundError,
     InvalidArgumentError,
     InvalidOperationError,
+    RankLostError,
     SchemaOutOfDateError,
     UnsafeCheckpointFileError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "KeepEvery",
     "KeepLast",
     "LoadOptions",
+    "RankLostError",
     "RecoveryOptions",
     "SaveOptions",
     "SchemaOutOfDateError",

@@ -14,7 +14,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from ckptdb.errors import CheckpointError
+from ckptdb.errors import CheckpointError, RankLostError, RemoteRankError
 
 T = TypeVar("T")
 
@@ -90,23 +90,6 @@ def as_gang(gang: Any) -> Gang:
     return TorchGang(gang)
 
 
-class RemoteRankError(CheckpointError):
-    """Another rank failed during a collective checkpoint step; carries that rank's message.
-
-    Raised (on every rank) in place of an error that cannot cross process boundaries (one that
-    does not pickle), so that every rank still raises the same type with the same message.
-    """
-
-
-class RankLostError(CheckpointError):
-    """A collective failed: a peer rank died, or did not arrive within the process group's timeout.
-
-    With gloo a SIGKILLed peer makes the others fail at once ("connection closed by peer"); a
-    peer that hangs is only detected after the process group's timeout (``init_process_group(
-    timeout=...)``), which bounds how long any ckptdb collective can wait.
-    """
-
-
 def _portable(err: BaseException, rank: int, what: str) -> BaseException:
     """``err`` if it survives a pickle round trip (to be re-raised as is elsewhere), else a stand-in."""
     try:
@@ -157,9 +140,9 @@ def run_on_all(gang: Gang, fn: Callable[[], T], what: str) -> T:
         return result  # type: ignore[return-value]
     r, first = failed[0]
     if r == gang.rank and err is not None:
-        if first is err:
-            raise err
-        raise first from err
+        if mine is err:
+            raise err  # this rank's own exception object, with its traceback
+        raise first from err  # the stand-in the other ranks raise, so that all raise the same
     raise first
 
 
