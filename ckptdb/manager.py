@@ -1,7 +1,8 @@
 """FileCheckpointManager: fairseq2's checkpoint API over a transactional SQL catalog.
 
 Call order for one checkpoint (the commit protocol, with every crash window, is in
-docs/architecture.md)::
+docs/architecture.md; with several ranks, who does what and what a failure does is in
+docs/distributed.md)::
 
     begin_checkpoint(step_nr)      catalog: insert row 'pending'        disk: mkdir step_N.tmp-<token>/
     save_state(state)                                                   disk: write + hash + fsync files
@@ -696,7 +697,12 @@ class FileCheckpointManager:
                 if key not in state and isinstance(part, dict) and key in part:
                     state[key] = part[key]
             if not state and sharded_state is None:
-                raise CheckpointNotFoundError(f"step {info.step_nr} has no state for this rank", step_nr=info.step_nr)
+                hint = ""
+                if any(s.path.startswith(sharded_io.SHARDED_DIR + "/") for s in shards):
+                    hint = " outside its sharded part (load that with sharded_state= or load_sharded_state())"
+                raise CheckpointNotFoundError(
+                    f"step {info.step_nr} has no state for this rank{hint}", step_nr=info.step_nr
+                )
             return state
 
         try:
