@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptdb import FileCheckpointManager
+from ckptdb import CheckpointCorruptError, FileCheckpointManager
 from ckptdb.catalog.session import dispose_engines
 from tests.distributed.launch import ROOT, check_ok, launch
 from tests.helpers import assert_state_equal, work_dirs
@@ -98,6 +98,19 @@ def test_fsdp2_sharded_save_then_load_at_other_world_sizes(tmp_path: Path) -> No
         results = launch("fsdp_load", world, tmp_path, url=url, process_group=pg)
         check_ok(results)
         assert all(r["step"] == 5 and {"model", "optimizer"} <= set(r["keys"]) for r in results)
+
+    # here too, in this process: plain tensors, a subset of the keys, no process group
+    model_sd = {k: torch.zeros_like(v) for k, v in expected["model"].items()}
+    m.load_sharded_state(5, {"model": model_sd})
+    assert_state_equal(model_sd, expected["model"])
+    # a flipped byte in one rank's shard file is caught against the catalog's digest and recorded
+    shard = tmp_path / "ckpt" / "step_5" / "sharded" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match=r"__1_0\.distcp"):
+        m.load_sharded_state(5, {"model": model_sd})
+    assert _states(m)[5] == "corrupt"
 
 
 def test_one_rank_raising_fails_every_rank_with_the_same_error(tmp_path: Path) -> None:
