@@ -1,16 +1,20 @@
 """The gang seam: what the manager needs from a process group, and the single-process default.
 
 Only the coordinator (rank 0) talks to the catalog; other ranks learn its decisions through
-``broadcast_object``. Failures on any rank are gathered and re-raised on every rank
-(``run_on_all``) so no rank waits forever at a barrier.
+``broadcast_object`` (:func:`run_on_coordinator`). Work every rank does is wrapped in
+:func:`run_on_all`: outcomes are all-gathered and any rank's failure is re-raised, as the same
+exception, on every rank, so no rank waits forever at a barrier. A collective that fails because a
+peer died (or timed out) becomes :class:`RankLostError` on the survivors. The protocol is written
+down in docs/distributed.md.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from ckptdb.errors import CheckpointError
+from ckptdb.errors import CheckpointError, RankLostError, RemoteRankError
 
 T = TypeVar("T")
 
@@ -86,12 +90,34 @@ def as_gang(gang: Any) -> Gang:
     return TorchGang(gang)
 
 
-class RemoteRankError(CheckpointError):
-    """Another rank failed during a collective checkpoint step; carries that rank's message."""
+def _portable(err: BaseException, rank: int, what: str) -> BaseException:
+    """``err`` if it survives a pickle round trip (to be re-raised as is elsewhere), else a stand-in."""
+    try:
+        copy = pickle.loads(pickle.dumps(err))
+        if type(copy) is type(err) and str(copy) == str(err):
+            return err
+    except Exception:  # noqa: BLE001 - any pickling failure means: send a stand-in
+        pass
+    return RemoteRankError(f"{what} failed on rank {rank}: {type(err).__name__}: {err}")
+
+
+def collective(gang: Gang, op: Callable[[], T], what: str) -> T:
+    """Run a gang collective, turning a transport failure (peer died, timeout) into :class:`RankLostError`."""
+    try:
+        return op()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise RankLostError(f"{what}: a collective with the other ranks failed (a rank died or timed out): {e}") from e
 
 
 def run_on_all(gang: Gang, fn: Callable[[], T], what: str) -> T:
-    """Run ``fn`` on every rank; if any rank fails, every rank raises (the failing rank its own error)."""
+    """Run ``fn`` on every rank; if any rank fails, every rank raises the same error.
+
+    The error of the lowest failing rank is sent to all ranks and raised there, with its type and
+    message (a stand-in :class:`RemoteRankError` when it does not pickle); the failing rank raises
+    its own exception object. A rank that dies makes the others raise :class:`RankLostError`.
+    """
     result: T | None = None
     err: BaseException | None = None
     try:
@@ -102,11 +128,74 @@ def run_on_all(gang: Gang, fn: Callable[[], T], what: str) -> T:
         if err is not None:
             raise err
         return result  # type: ignore[return-value]
-    outcomes = gang.all_gather_object(None if err is None else f"{type(err).__name__}: {err}")
-    if err is not None:
-        raise err
-    failed = [(r, m) for r, m in enumerate(outcomes) if m is not None]
-    if failed:
-        r, m = failed[0]
-        raise RemoteRankError(f"{what} failed on rank {r}: {m}")
-    return result  # type: ignore[return-value]
+    mine = None if err is None else _portable(err, gang.rank, what)
+    try:
+        outcomes = collective(gang, lambda: gang.all_gather_object(mine), what)
+    except RankLostError as lost:
+        if err is not None:
+            raise err from lost
+        raise
+    failed = [(r, e) for r, e in enumerate(outcomes) if e is not None]
+    if not failed:
+        return result  # type: ignore[return-value]
+    r, first = failed[0]
+    if r == gang.rank and err is not None:
+        if mine is err:
+            raise err  # this rank's own exception object, with its traceback
+        raise first from err  # the stand-in the other ranks raise, so that all raise the same
+    raise first
+
+
+def agree(gang: Gang, value: Any, what: str) -> None:
+    """Every rank must pass an equal ``value``; otherwise every rank raises InvalidArgumentError.
+
+    Used before collectives whose shape depends on local data (e.g. which keys go through DCP),
+    which would otherwise hang on the ranks that disagree.
+    """
+    if gang.size == 1:
+        return
+    values = collective(gang, lambda: gang.all_gather_object(value), what)
+    if any(v != values[0] for v in values):
+        from ckptdb.errors import InvalidArgumentError
+
+        detail = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+        raise InvalidArgumentError(f"{what}: ranks disagree ({detail})")
+
+
+def run_on_coordinator(gang: Gang, fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` on rank 0 only and give every rank its result, or its error (same type everywhere)."""
+    if gang.size == 1:
+        return fn()
+    outcome: tuple[bool, Any] = (True, None)
+    if gang.rank == 0:
+        try:
+            outcome = (True, fn())
+        except Exception as e:
+            outcome = (False, _portable(e, 0, what))
+            try:
+                collective(gang, lambda: gang.broadcast_object(outcome), what)
+            except RankLostError as lost:
+                raise e from lost
+            raise e
+    ok, value = collective(gang, lambda: gang.broadcast_object(outcome), what)
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def process_group_of(gang: Gang) -> Any:
+    """The ``torch.distributed`` ProcessGroup behind ``gang``; None for a one-process gang.
+
+    Raises:
+        InvalidArgumentError: a multi-process gang that is not backed by torch.distributed (DCP,
+            used for sharded state, needs a real process group).
+    """
+    if isinstance(gang, TorchGang):
+        return gang.group
+    if gang.size == 1:
+        return None
+    from ckptdb.errors import InvalidArgumentError
+
+    raise InvalidArgumentError(
+        f"sharded state needs a torch.distributed process group as gang=, not {type(gang).__name__}"
+    )

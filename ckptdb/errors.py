@@ -85,3 +85,20 @@ class ConcurrentModificationError(CatalogError):
 
 class UnsupportedCheckpointError(CheckpointError, NotImplementedError):
     """A checkpoint ckptdb cannot read this way yet (e.g. a sharded model for ``load_model``)."""
+
+
+class RankLostError(CheckpointError):
+    """A collective with the other ranks failed: a peer died, or did not arrive within the timeout.
+
+    With gloo a SIGKILLed peer makes the others fail at once ("connection closed by peer"); a
+    peer that hangs is detected after the process group's timeout (``init_process_group(
+    timeout=...)``), which bounds how long any ckptdb collective can wait. See docs/distributed.md.
+    """
+
+
+class RemoteRankError(CheckpointError):
+    """Another rank failed with an error that cannot cross process boundaries (it does not pickle).
+
+    Raised on every rank in its place, carrying its type name and message, so that every rank
+    still raises the same type with the same message.
+    """

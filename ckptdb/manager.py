@@ -1,7 +1,8 @@
 """FileCheckpointManager: fairseq2's checkpoint API over a transactional SQL catalog.
 
 Call order for one checkpoint (the commit protocol, with every crash window, is in
-docs/architecture.md)::
+docs/architecture.md; with several ranks, who does what and what a failure does is in
+docs/distributed.md)::
 
     begin_checkpoint(step_nr)      catalog: insert row 'pending'        disk: mkdir step_N.tmp-<token>/
     save_state(state)                                                   disk: write + hash + fsync files
@@ -39,7 +40,17 @@ from ckptdb import __version__, _proc, validation
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, ShardInfo, WriterInfo
 from ckptdb.catalog.models import State
 from ckptdb.catalog.session import masked, sqlite_url
-from ckptdb.distributed import Gang, LocalGang, as_gang, run_on_all
+from ckptdb.distributed import (
+    Gang,
+    LocalGang,
+    RankLostError,
+    agree,
+    as_gang,
+    collective,
+    process_group_of,
+    run_on_all,
+    run_on_coordinator,
+)
 from ckptdb.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -58,6 +69,7 @@ from ckptdb.recovery import (
     recover_run,
     release_token,
 )
+from ckptdb.storage import dcp as sharded_io
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import new_hasher
 from ckptdb.storage.reader import check_file, load_torch
@@ -174,18 +186,7 @@ class FileCheckpointManager:
 
     def _on_coordinator(self, fn: Callable[[], T], what: str) -> T:
         """Run ``fn`` on rank 0 and give every rank its result, or its error (same type everywhere)."""
-        if self.gang.size == 1:
-            return fn()
-        outcome: tuple[bool, Any] = (True, None)
-        if self.is_coordinator:
-            try:
-                outcome = (True, fn())
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                outcome = (False, e)
-        ok, value = self.gang.broadcast_object(outcome)
-        if not ok:
-            raise value
-        return value  # type: ignore[no-any-return]
+        return run_on_coordinator(self.gang, fn, what)
 
     def _open_catalog(self) -> RunInfo:
         if not self.checkpoint_dir.exists():
@@ -273,9 +274,18 @@ class FileCheckpointManager:
                 raise CheckpointError(
                     f"step {step_nr}: cannot create {str(writer.tmp_dir)!r}: {e}; nothing was saved"
                 ) from e
+            begun.append((info, token))
             return info, token
 
-        info, token = self._on_coordinator(coordinator, "begin_checkpoint")
+        begun: list[tuple[CheckpointInfo, str]] = []
+        try:
+            info, token = self._on_coordinator(coordinator, "begin_checkpoint")
+        except RankLostError:
+            if begun:  # the coordinator began it, then lost a peer: roll it back here and now
+                self._rollback(
+                    _Open(begun[0][0], step_nr, begun[0][1], self._writer(step_nr, begun[0][1])), "rank lost"
+                )
+            raise
         self._open = _Open(info if self.is_coordinator else None, step_nr, info.token, self._writer(step_nr, token))
 
     def _writer(self, step_nr: int, token: str) -> StepWriter:
@@ -340,12 +350,14 @@ class FileCheckpointManager:
 
         Every value must load under ``torch.load(weights_only=True)``; anything else is refused
         here, naming its key, and nothing is written.
+
+        Top-level keys whose values hold sharded tensors (DTensor from FSDP2 ``fully_shard`` or
+        tensor parallelism, ShardedTensor) are saved through ``torch.distributed.checkpoint``
+        into ``sharded/`` instead (every rank of ``gang`` takes part); load them back with
+        :meth:`load_sharded_state`. In a gang, a failure on any rank (refused value, disk error)
+        rolls the checkpoint back and raises the same error on every rank.
         """
         op = self._require_open()
-        if not isinstance(state, Mapping):
-            raise InvalidArgumentError(f"state must be a mapping, not {type(state).__name__}")
-        check_weights_only_safe(state)
-        state = dict(state)
         replicated_keys = set(replicated_keys or ())
         tp_rank, tp_size = self._sfx
         dp_rank, dp_size = self.dp_gang.rank, self.dp_gang.size
@@ -355,8 +367,22 @@ class FileCheckpointManager:
                 "save_state() call (a second call would replace the first one's files)"
             )
 
+        def check() -> list[str]:
+            if not isinstance(state, Mapping):
+                raise InvalidArgumentError(f"state must be a mapping, not {type(state).__name__}")
+            keys = sharded_io.sharded_keys(state)
+            check_weights_only_safe({k: v for k, v in state.items() if k not in keys})
+            return keys
+
+        # a refusal on any rank is raised on every rank; nothing is written and the checkpoint stays open
+        try:
+            sharded = run_on_all(self.gang, check, "save_state")
+            agree(self.gang, sharded, "save_state: keys with sharded values")
+        except RankLostError as e:
+            raise self._fail(op, "save_state", e) from e
+
         def write() -> None:
-            rest = dict(state)
+            rest = {k: v for k, v in state.items() if k not in sharded}
             if model_key in rest and (dp_size == 1 or model_key in replicated_keys or "*" in replicated_keys):
                 model = rest.pop(model_key)
                 if dp_rank == 0:
@@ -380,22 +406,33 @@ class FileCheckpointManager:
 
         op.state_saved = True
         self._write_all(op, "save_state", write)
+        if sharded:
+            self._write_all(op, "save_state (sharded)", lambda: self._save_sharded(op, {k: state[k] for k in sharded}))
         self._heartbeat(op)
 
-    def save_consolidated_fsdp_model(self, model: torch.nn.Module, *, model_key: str = "model") -> None:
-        """Write the full model state dict (gathered to rank 0) as ``model.pt``.
+    def _save_sharded(self, op: _Open, state: dict[str, Any]) -> None:
+        records = sharded_io.save_sharded(
+            state,
+            op.writer.tmp_dir,
+            rank=self.gang.rank,
+            process_group=process_group_of(self.gang),
+            hash_algorithm=self.save_options.hash_algorithm,
+            fsync=self.save_options.fsync,
+        )
+        op.writer.records.update(records)
 
-        The result loads later in one process without any process group. Works for plain modules
-        and FSDP2 (``fully_shard``) modules.
+    def save_consolidated_fsdp_model(self, model: torch.nn.Module, *, model_key: str = "model") -> None:
+        """Write the full model state dict as ``model.pt`` (``model.<tp_rank>.pt`` with TP > 1).
+
+        DTensor parameters (FSDP2 ``fully_shard``) are gathered one at a time on every rank of
+        their mesh; data-parallel rank 0 writes the file. ``DDP`` / ``torch.compile`` prefixes are
+        removed. The result loads later in one process without any process group:
+        ``FileCheckpointManager(dir).load_checkpoint(step)["model"]``. Collective.
         """
         op = self._require_open()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         def write() -> None:
-            if self.gang.size > 1:
-                sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            else:
-                sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            sd = sharded_io.full_model_state_dict(model)
             if self.dp_gang.rank == 0:
                 op.writer.write_torch(
                     layout.model_file(*self._sfx),
@@ -409,11 +446,18 @@ class FileCheckpointManager:
     def save_metadata(self, metadata: Mapping[str, Any]) -> None:
         """Store a metadata mapping: ``metadata.pt`` in the step and JSON in the catalog."""
         op = self._require_open()
-        if not isinstance(metadata, Mapping):
-            raise InvalidArgumentError(f"metadata must be a mapping, not {type(metadata).__name__}")
-        for k in metadata:
-            validation.name(k, "metadata key")
-        check_weights_only_safe(metadata, root="metadata")
+
+        def check() -> None:
+            if not isinstance(metadata, Mapping):
+                raise InvalidArgumentError(f"metadata must be a mapping, not {type(metadata).__name__}")
+            for k in metadata:
+                validation.name(k, "metadata key")
+            check_weights_only_safe(metadata, root="metadata")
+
+        try:
+            run_on_all(self.gang, check, "save_metadata")  # a refusal reaches every rank; nothing written
+        except RankLostError as e:
+            raise self._fail(op, "save_metadata", e) from e
         data = dict(metadata)
         op.user_metadata = _jsonable(data)
 
@@ -450,9 +494,13 @@ class FileCheckpointManager:
                 op.writer.write_bytes(layout.SCORE_FILE, f"{op.scores['score']}\n".encode(), kind="score")
 
         self._write_all(op, "commit_checkpoint", write_score)
-        records: list[list[FileRecord]] = self.gang.all_gather_object(list(op.writer.records.values()))
-        if self.gang.size > 1:
-            self.gang.barrier()
+        # every rank's (path, size, digest) to the coordinator; a lost rank rolls back everywhere
+        try:
+            records: list[list[FileRecord]] = collective(
+                self.gang, lambda: self.gang.all_gather_object(list(op.writer.records.values())), "commit_checkpoint"
+            )
+        except RankLostError as e:
+            raise self._fail(op, "commit_checkpoint", e) from e
 
         def coordinator() -> CheckpointInfo:
             assert op.info is not None
@@ -507,9 +555,11 @@ class FileCheckpointManager:
     def abort_checkpoint(self) -> None:
         """Discard the open checkpoint: its temporary directory is removed, its row marked 'aborted'."""
         op = self._require_open()
-        if self.gang.size > 1:
-            self.gang.barrier()
-        self._rollback(op, "abort_checkpoint")
+        try:
+            if self.gang.size > 1:
+                collective(self.gang, self.gang.barrier, "abort_checkpoint")
+        finally:
+            self._rollback(op, "abort_checkpoint")
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -556,8 +606,15 @@ class FileCheckpointManager:
         except CheckpointError as err:
             log.warning("ckptdb: could not record damage of step %d: %s", info.step_nr, err)
 
-    def load_checkpoint(self, step_nr: int, *, verify: str | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, step_nr: int, *, verify: str | None = None, sharded_state: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Load a committed checkpoint's state for this rank (model, rank and replicated files merged).
+
+        With ``sharded_state`` (a state dict shaped for the current world, e.g. from
+        ``torch.distributed.checkpoint.state_dict.get_state_dict``), the checkpoint's sharded part
+        is also loaded into it in place, resharded (see :meth:`load_sharded_state`), and its keys
+        are included in the result.
 
         Raises:
             CheckpointNotFoundError: no committed checkpoint at ``step_nr``.
@@ -567,9 +624,64 @@ class FileCheckpointManager:
         step_nr = validation.step_nr(step_nr)
         verify = verify or self.load_options.verify
         info, shards = self._on_coordinator(lambda: self._committed(step_nr), "load_checkpoint")
-        return self._load_state(info, shards, verify)
+        return self._load_state(info, shards, verify, sharded_state)
 
-    def _load_state(self, info: CheckpointInfo, shards: list[ShardInfo], verify: str) -> dict[str, Any]:
+    def load_sharded_state(self, step_nr: int, state_dict: dict[str, Any], *, verify: str | None = None) -> None:
+        """Load the sharded part of a committed checkpoint into ``state_dict``, in place.
+
+        ``state_dict`` decides the target layout: DTensors of the current mesh (FSDP2 at any world
+        size), or plain tensors in one process without a process group. DCP reshards, so a
+        checkpoint saved at world size 2 loads at world sizes 1 and 4. Each rank checks the size
+        and digest of every file it reads against the catalog first. Collective::
+
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            manager.load_sharded_state(step_nr, {"model": model_sd, "optimizer": optim_sd})
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+        Raises:
+            CheckpointNotFoundError: no committed checkpoint at ``step_nr``, or it has no sharded part.
+            CheckpointCorruptError: a file differs from the catalog (recorded as 'corrupt'/'missing').
+        """
+        step_nr = validation.step_nr(step_nr)
+        info, shards = self._on_coordinator(lambda: self._committed(step_nr), "load_sharded_state")
+        self._load_sharded(info, shards, state_dict, verify or self.load_options.verify)
+
+    def _load_sharded(
+        self, info: CheckpointInfo, shards: list[ShardInfo], state_dict: dict[str, Any], verify: str
+    ) -> None:
+        prefix = sharded_io.SHARDED_DIR + "/"
+        records = {
+            s.path: FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest, s.rank, s.kind)
+            for s in shards
+            if s.path.startswith(prefix)
+        }
+        if not records:
+            raise CheckpointNotFoundError(f"step {info.step_nr} has no sharded state", step_nr=info.step_nr)
+        step_dir = self.checkpoint_dir / info.directory
+
+        def load() -> None:
+            sharded_io.load_sharded(
+                state_dict,
+                step_dir,
+                records,
+                info.step_nr,
+                process_group=process_group_of(self.gang),
+                verify=verify,
+            )
+
+        try:
+            run_on_all(self.gang, load, "load_sharded_state")
+        except CheckpointCorruptError as e:
+            self._mark_damaged(info, e)
+            raise
+
+    def _load_state(
+        self,
+        info: CheckpointInfo,
+        shards: list[ShardInfo],
+        verify: str,
+        sharded_state: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         tp_rank, tp_size = self._sfx
         wanted = [layout.rank_file(self.dp_gang.rank, tp_rank, tp_size), layout.replicated_file(tp_rank, tp_size)]
         by_path = {s.path: s for s in shards}
@@ -590,11 +702,24 @@ class FileCheckpointManager:
                 key = part.get("model_key", "model") if isinstance(part, dict) else "model"
                 if key not in state and isinstance(part, dict) and key in part:
                     state[key] = part[key]
-            if not state:
-                raise CheckpointNotFoundError(f"step {info.step_nr} has no state for this rank", step_nr=info.step_nr)
+            if not state and sharded_state is None:
+                hint = ""
+                if any(s.path.startswith(sharded_io.SHARDED_DIR + "/") for s in shards):
+                    hint = " outside its sharded part (load that with sharded_state= or load_sharded_state())"
+                raise CheckpointNotFoundError(
+                    f"step {info.step_nr} has no state for this rank{hint}", step_nr=info.step_nr
+                )
             return state
 
-        return run_on_all(self.gang, load, "load_checkpoint")
+        try:
+            state = run_on_all(self.gang, load, "load_checkpoint")
+        except CheckpointCorruptError as e:  # found on any rank: the coordinator records it
+            self._mark_damaged(info, e)
+            raise
+        if sharded_state is not None:
+            self._load_sharded(info, shards, sharded_state, verify)
+            state.update(sharded_state)
+        return state
 
     def _load_file(self, info: CheckpointInfo, step_dir: Path, s: ShardInfo) -> Any:
         try:
@@ -606,8 +731,10 @@ class FileCheckpointManager:
             self._mark_damaged(info, CheckpointCorruptError(info.step_nr, s.path, "a weights-only torch file", str(e)))
             raise
 
-    def load_last_checkpoint(self, *, verify: str | None = None) -> tuple[int, dict[str, Any]]:
-        """Load the newest committed checkpoint.
+    def load_last_checkpoint(
+        self, *, verify: str | None = None, sharded_state: dict[str, Any] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """Load the newest committed checkpoint (``sharded_state``: as in :meth:`load_checkpoint`).
 
         A corrupt or missing newest checkpoint is skipped (warning; recorded in the catalog) and
         the next older intact one is loaded, unless ``LoadOptions(fallback=False)``.
@@ -639,7 +766,7 @@ class FileCheckpointManager:
                 )
             info, shards = found
             try:
-                return info.step_nr, self._load_state(info, shards, verify)
+                return info.step_nr, self._load_state(info, shards, verify, sharded_state)
             except (CheckpointCorruptError, UnsafeCheckpointFileError) as e:
                 if not self.load_options.fallback:
                     raise
