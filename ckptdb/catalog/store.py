@@ -406,7 +406,8 @@ class Catalog:
                 self._move(
                     s,
                     ckpt_id,
-                    [State.COMMITTED, State.CORRUPT, State.MISSING],
+                    # never from the target state itself: damage found twice is recorded once
+                    [x for x in (State.COMMITTED, State.CORRUPT, State.MISSING) if x != state],
                     state,
                     reason=reason,
                     who=who,

@@ -276,7 +276,7 @@ def full_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.tensor import DTensor
 
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for k, v in get_model_state_dict(model).items():
         if isinstance(v, DTensor):
             v = v.full_tensor()
