@@ -563,7 +563,8 @@ class Catalog:
     def _lock_run(self, s: Session, run_id: int) -> None:
         """Serialise retention claims and pin changes on one run (SQLite: BEGIN IMMEDIATE already does)."""
         if self.db.dialect == "postgresql":
-            s.execute(select(Run.id).where(Run.id == run_id).with_for_update(key_share=False, no_key=True))
+            # FOR NO KEY UPDATE: does not block inserts that reference the run (FOR KEY SHARE)
+            s.execute(select(Run.id).where(Run.id == run_id).with_for_update(key_share=True))
 
     def retention_plan(self, run_id: int, components: Sequence[Any]) -> Any:
         """The policy's decision for every committed checkpoint of the run, with reasons (one query)."""
