@@ -36,9 +36,7 @@ POLICY = st.one_of(COMPONENT, st.lists(COMPONENT, min_size=1, max_size=4).map(la
 @st.composite
 def runs(draw: st.DrawFn) -> tuple[list[tuple[int, str, dict[str, float | None]]], dict[int, list[str]]]:
     steps = draw(st.lists(st.integers(0, 60), unique=True, max_size=25))
-    rows = [
-        (s, draw(st.sampled_from(STATES)), {"score": draw(SCORES), "valid_loss": draw(SCORES)}) for s in steps
-    ]
+    rows = [(s, draw(st.sampled_from(STATES)), {"score": draw(SCORES), "valid_loss": draw(SCORES)}) for s in steps]
     pinned = draw(st.lists(st.sampled_from(steps), unique=True, max_size=3)) if steps else []
     pins = {s: [f"p{s}"] + (["x"] if i == 0 else []) for i, s in enumerate(pinned)}
     return rows, pins
@@ -155,7 +153,8 @@ def test_cli_prune_pin_unpin_and_preserve_model(
     out = capsys.readouterr().out
     assert "kept 3, deleted 3" in out
     assert m.get_step_numbers() == [20, 30, 60]
-    assert (m.checkpoint_dir / "step_10" / "model.pt").exists() and not (m.checkpoint_dir / "step_10/rank_0.pt").exists()
+    step_10 = m.checkpoint_dir / "step_10"
+    assert (step_10 / "model.pt").exists() and not (step_10 / "rank_0.pt").exists()
     preserved = sql(catalog_url, "SELECT step_nr FROM checkpoints WHERE state = 'deleted' AND model_preserved")
     assert sorted(r[0] for r in preserved) == [10, 40, 50]
     assert main(["unpin", *url, "exp", "--label", "release-1"]) == 0
