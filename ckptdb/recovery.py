@@ -235,8 +235,12 @@ def _reconcile_step(
     if keeper_dir is None and keeper is not None:
         keeper_dir = next((d for d in mine if owned_by_keeper(d)), None)
         if keeper_dir is not None:
+            if not keeper_dir.is_dir():
+                return  # renamed since the scan (a commit finishing): the listing is stale, leave the step
             if final.exists():
-                o = owners.get(final)
+                o = owners.get(final) or read_owner(final)
+                if o == keeper.token:
+                    return  # the keeper reached its place since the scan
                 if o is not None and o in rows and rows[o].run_id == run.id:
                     if not dry_run:
                         remove_tree(final, fsync=fsync)
@@ -262,6 +266,12 @@ def _reconcile_step(
             continue
         o = owners[d]
         is_final = d == final
+        if o is None:
+            # no token seen: look again; a directory renamed away meanwhile (a concurrent
+            # deletion or commit) is not ours to judge
+            o = read_owner(d)
+            if o is None and not d.is_dir():
+                continue
         if o is None and is_final:
             # no token: a directory ckptdb did not write (or one being adopted)
             rep.foreign.append(d.name)
