@@ -572,7 +572,7 @@ class Catalog:
 
         q, names = retention_sql.decision_query(run_id, components, only_delete=False)
         with self.db.transaction(readonly=True) as s:
-            rows = list(s.execute(q))
+            rows = list(s.connection().execute(q))  # Core rows: no ORM result processing
         keep: list[int] = []
         delete: list[int] = []
         reasons: dict[int, tuple[str, ...]] = {}
@@ -589,7 +589,7 @@ class Catalog:
         """Only the steps the policy deletes (one query; what the benchmark times)."""
         q, _ = retention_sql.decision_query(run_id, components, only_delete=True)
         with self.db.transaction(readonly=True) as s:
-            return [row[1] for row in s.execute(q)]
+            return [row[1] for row in s.connection().execute(q)]
 
     def claim_for_deletion(
         self, run_id: int, components: Sequence[Any], reason: str, who: tuple[str, int], *, preserve_model: bool
