@@ -133,7 +133,7 @@ def catalog_figures(url: str, label: str, repeat: int, sizes: list[int], runs: i
     comps = POLICY.components()
     out: list[dict[str, Any]] = []
     other = 0
-    per_run = max(1, (sizes[-1] - 2 * BIG) // max(1, runs - 2))
+    per_run = max(1, -(-(sizes[-1] - 2 * BIG) // max(1, runs - 2)))  # ceil: the last stage reaches its size
     for target in sizes:
         while f.total < target and f.next_run <= runs:
             f.run(f"run-{other:04d}", min(per_run, target - f.total))
@@ -164,9 +164,9 @@ def catalog_figures(url: str, label: str, repeat: int, sizes: list[int], runs: i
         )
     q, _ = retention_sql.decision_query(big, comps, only_delete=True)
     with cat.db.transaction(readonly=True) as s:
-        compiled = str(q.compile(s.get_bind(), compile_kwargs={"literal_binds": True}))
-        explain = "EXPLAIN QUERY PLAN " if label == "SQLite" else "EXPLAIN "
-        plan = [str(r[-1]) for r in s.connection().exec_driver_sql(explain + compiled)]
+        if label != "SQLite":
+            s.execute(text("SET LOCAL jit = off"))  # as the catalog does for this query
+        plan = retention_sql.explain(s.connection(), q)
     print(f"{label} query plan of the decision:\n  " + "\n  ".join(plan))
     out[-1]["query_plan"] = plan
     return out

@@ -16,7 +16,7 @@ from ckptdb.errors import (
 )
 from ckptdb.manager import FileCheckpointManager
 from ckptdb.options import LoadOptions, RecoveryOptions, SaveOptions
-from ckptdb.retention import AnyOf, KeepBest, KeepEvery, KeepLast
+from ckptdb.retention import AnyOf, KeepBest, KeepEvery, KeepLast, KeepPinned
 
 __all__ = [
     "AnyOf",
@@ -32,6 +32,7 @@ __all__ = [
     "KeepBest",
     "KeepEvery",
     "KeepLast",
+    "KeepPinned",
     "LoadOptions",
     "RecoveryOptions",
     "SaveOptions",

@@ -91,10 +91,12 @@ def decision_query(run_id: int, components: Sequence[Any], *, only_delete: bool)
         # choose to walk scores(metric, value) across every run instead
         s = Score.__table__.alias("s")
         value = select(s.c.value).where(s.c.checkpoint_id == k.c.id, s.c.metric == metric).scalar_subquery()
+        # OFFSET 0 keeps the derived table (PostgreSQL would otherwise inline it and look each score up twice)
+        scored = select(k.c.id, k.c.step_nr, value.label("v")).where(*where).offset(0).subquery("b")
         best = (
-            select(k.c.id)
-            .where(*where, value.is_not(None))  # NULL: unscored, NaN, +/-inf (never best)
-            .order_by(value.asc() if lower_better else value.desc(), k.c.step_nr.desc())  # ties: later step
+            select(scored.c.id)
+            .where(scored.c.v.is_not(None))  # NULL: unscored, NaN, +/-inf (never best)
+            .order_by(scored.c.v.asc() if lower_better else scored.c.v.desc(), scored.c.step_nr.desc())  # ties
             .limit(n)
         )
         return c.c.id.in_(best)
@@ -144,3 +146,12 @@ def ids_to_delete(run_id: int, components: Sequence[Any]) -> Select[Any]:
     q, _ = decision_query(run_id, components, only_delete=True)
     sub = q.subquery("d")
     return select(sub.c.id)
+
+
+def explain(conn: Any, q: Select[Any]) -> list[str]:
+    """The database's plan for ``q`` (SQLite: EXPLAIN QUERY PLAN details; PostgreSQL: EXPLAIN lines)."""
+    compiled = q.compile(conn)
+    if conn.dialect.name == "sqlite":
+        params = tuple(compiled.params[k] for k in compiled.positiontup or ())
+        return [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string, params)]
+    return [str(r[0]) for r in conn.exec_driver_sql("EXPLAIN " + compiled.string, compiled.params)]

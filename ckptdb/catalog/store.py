@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from ckptdb.catalog import migrate, retention_sql
@@ -566,12 +566,18 @@ class Catalog:
             # FOR NO KEY UPDATE: does not block inserts that reference the run (FOR KEY SHARE)
             s.execute(select(Run.id).where(Run.id == run_id).with_for_update(key_share=True))
 
+    def _no_jit(self, s: Session) -> None:
+        """PostgreSQL's JIT costs tens of ms to compile a plan this query runs in a few: off, for this transaction."""
+        if self.db.dialect == "postgresql":
+            s.execute(text("SET LOCAL jit = off"))
+
     def retention_plan(self, run_id: int, components: Sequence[Any]) -> Any:
         """The policy's decision for every committed checkpoint of the run, with reasons (one query)."""
         from ckptdb.retention import Plan
 
         q, names = retention_sql.decision_query(run_id, components, only_delete=False)
         with self.db.transaction(readonly=True) as s:
+            self._no_jit(s)
             rows = list(s.connection().execute(q))  # Core rows: no ORM result processing
         keep: list[int] = []
         delete: list[int] = []
@@ -589,6 +595,7 @@ class Catalog:
         """Only the steps the policy deletes (one query; what the benchmark times)."""
         q, _ = retention_sql.decision_query(run_id, components, only_delete=True)
         with self.db.transaction(readonly=True) as s:
+            self._no_jit(s)
             return [row[1] for row in s.connection().execute(q)]
 
     def claim_for_deletion(
@@ -602,6 +609,7 @@ class Catalog:
         """
         with self.db.transaction() as s:
             self._lock_run(s, run_id)
+            self._no_jit(s)
             now = utcnow()
             claimed = list(
                 s.execute(
