@@ -133,10 +133,11 @@ def catalog_figures(url: str, label: str, repeat: int, sizes: list[int], runs: i
     comps = POLICY.components()
     out: list[dict[str, Any]] = []
     other = 0
-    per_run = max(1, -(-(sizes[-1] - 2 * BIG) // max(1, runs - 2)))  # ceil: the last stage reaches its size
     for target in sizes:
         while f.total < target and f.next_run <= runs:
-            f.run(f"run-{other:04d}", min(per_run, target - f.total))
+            runs_left = runs - f.next_run + 1  # spread what is left of the largest size over the runs left
+            size = -(-(sizes[-1] - f.total) // runs_left)
+            f.run(f"run-{other:04d}", max(1, min(size, target - f.total)))
             other += 1
         f.analyze()
         best: list[float] = []

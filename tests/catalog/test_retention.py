@@ -52,7 +52,7 @@ def sql(url: str, q: str, **params: object) -> list[tuple]:
 
 
 @settings(
-    max_examples=60,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -19,7 +19,7 @@ from tests.helpers import work_dirs
 from tests.integration.child_cleanup import PENDING_STEP, PIN_STEP, POLICY, loss
 
 CHILD = str(Path(__file__).with_name("child_cleanup.py"))
-STEPS = 16
+STEPS = 12
 
 
 def rows(url: str, q: str) -> list[tuple]:
