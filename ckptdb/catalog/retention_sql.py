@@ -7,7 +7,7 @@ The shape, for ``AnyOf(KeepLast(2), KeepBest(3, "valid_loss", lower_better=True)
     WHERE c.run_id = :run AND c.state = 'committed' AND NOT (
           c.step_nr = (SELECT max(step_nr) FROM checkpoints                      -- newest
                        WHERE run_id = :run AND state = 'committed')
-       OR EXISTS (SELECT 1 FROM pins p WHERE p.run_id = :run AND p.step_nr = c.step_nr)
+       OR c.step_nr IN (SELECT step_nr FROM pins WHERE run_id = :run)              -- pinned
        OR c.step_nr IN (SELECT step_nr FROM checkpoints                          -- keep_last(2)
                         WHERE run_id = :run AND state = 'committed'
                         ORDER BY step_nr DESC LIMIT 2)
@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, exists, false, func, not_, or_, select
+from sqlalchemy import ColumnElement, Select, false, func, not_, or_, select
 
 from ckptdb.catalog.models import Checkpoint, Pin, Score, State
 
@@ -104,7 +104,7 @@ def decision_query(run_id: int, components: Sequence[Any], *, only_delete: bool)
     flags = [kept_by(spec) for spec in specs]
     names = [spec[2] for spec in specs]
     if only_delete:
-        pinned = exists().where(Pin.run_id == run_id, Pin.step_nr == c.c.step_nr)
+        pinned = c.c.step_nr.in_(select(Pin.step_nr).where(Pin.run_id == run_id))  # read once, not per row
         q = select(c.c.id, c.c.step_nr).where(*mine, not_(or_(newest(), pinned, *flags, false()))).order_by(c.c.step_nr)
         return q, names
     labels = (

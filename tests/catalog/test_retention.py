@@ -82,7 +82,7 @@ def test_decision_query_uses_the_indexes(tmp_path: Path) -> None:
     assert "SEARCH c USING COVERING INDEX ix_checkpoints_run_id_state_step_nr" in detail, detail
     assert "SEARCH k USING COVERING INDEX ix_checkpoints_run_id_state_step_nr" in detail, detail
     assert "SEARCH s USING INDEX sqlite_autoindex_scores_1 (checkpoint_id=? AND metric=?)" in detail, detail
-    assert "SEARCH pins USING INDEX ix_pins_run_id_step_nr" in detail, detail
+    assert "ix_pins_run_id_step_nr (run_id=?)" in detail, detail
     scans = [x for x in detail.split(" | ") if x.startswith("SCAN ") and x != "SCAN b"]  # b: the scored subquery
     assert scans == [], detail  # every table is reached through an index, never scanned
 
