@@ -35,5 +35,9 @@ lint: install
 	$(BIN)/ruff check ckptdb tests examples benchmarks scripts
 	$(BIN)/ruff format --check ckptdb tests examples benchmarks scripts
 
+# Retention and catalog scale (a few minutes; PostgreSQL part skipped when no server answers).
+bench: install
+	$(BIN)/python benchmarks/retention_bench.py --pg-url "$(PG_URL)"
+
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
