@@ -36,5 +36,9 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy ckptdb
 
+# Retention and catalog scale (a few minutes; PostgreSQL part skipped when no server answers).
+bench: install
+	$(BIN)/python benchmarks/retention_bench.py --pg-url "$(PG_URL)"
+
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -19,7 +19,7 @@ from ckptdb.errors import (
 from ckptdb.loader import load_model
 from ckptdb.manager import FileCheckpointManager
 from ckptdb.options import LoadOptions, RecoveryOptions, SaveOptions
-from ckptdb.retention import AnyOf, KeepBest, KeepEvery, KeepLast
+from ckptdb.retention import AnyOf, KeepBest, KeepEvery, KeepLast, KeepPinned
 
 __all__ = [
     "AnyOf",
@@ -35,6 +35,7 @@ __all__ = [
     "KeepBest",
     "KeepEvery",
     "KeepLast",
+    "KeepPinned",
     "LoadOptions",
     "RankLostError",
     "RecoveryOptions",

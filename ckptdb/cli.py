@@ -512,6 +512,161 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _run_name(args: argparse.Namespace) -> str:
+    """RUN, or with ``--dir`` and no RUN the directory's default run (its absolute path)."""
+    if args.run:
+        return str(args.run)
+    if getattr(args, "dir", None):
+        from ckptdb.manager import default_run_name
+
+        return default_run_name(Path(args.dir).expanduser().resolve())
+    raise CheckpointError("name the run: ckptdb COMMAND RUN (see `ckptdb ls` for the runs)")
+
+
+def _progress(label: str) -> Callable[[int, int, str], None]:
+    """A one-line progress counter on stderr (only when stderr is a terminal, plus the last line)."""
+    tty = sys.stderr.isatty()
+
+    def show(done: int, total: int, what: str) -> None:
+        if tty:
+            end = "\n" if done == total else ""
+            print(f"\r{label}: {done}/{total} {what}\033[K", end=end, file=sys.stderr, flush=True)
+        elif done == total:
+            print(f"{label}: {done}/{total} done", file=sys.stderr)
+
+    return show
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Apply a retention policy to a run: print the plan (why each checkpoint is kept or deleted), then carry it out."""
+    from ckptdb import cleanup
+    from ckptdb.errors import InvalidArgumentError
+    from ckptdb.retention import AnyOf, KeepBest, KeepEvery, KeepLast, Policy
+
+    parts: list[Policy] = []
+    try:
+        if args.keep_last is not None:
+            parts.append(KeepLast(args.keep_last))
+        if args.keep_best is not None:
+            if args.lower_better is None:  # a wrong guess would delete the best checkpoints
+                raise ValueError("--keep-best needs --lower-better or --higher-better (and --metric, default 'score')")
+            parts.append(KeepBest(args.keep_best, metric=args.metric or "score", lower_better=bool(args.lower_better)))
+        if args.keep_every is not None:
+            parts.append(KeepEvery(args.keep_every))
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
+    if not parts:
+        raise InvalidArgumentError("prune needs a policy: --keep-last N, --keep-best N and/or --keep-every K")
+    policy: Policy = parts[0] if len(parts) == 1 else AnyOf(*parts)
+    cat = Catalog(_url(args), create=False)
+    rep = cleanup.prune(
+        cat,
+        _run_name(args),
+        policy,
+        dry_run=args.dry_run,
+        preserve_model=args.preserve_model,
+        progress=None if args.json else _progress("prune"),
+    )
+    reason = f"pruned by {policy}"
+    if args.json:
+        _print_json(
+            {
+                "run": rep.run,
+                "policy": rep.policy,
+                "dry_run": rep.dry_run,
+                "keep": [{"step": s, "reasons": list(rep.plan.reasons[s])} for s in rep.plan.keep],
+                "delete": rep.plan.delete,
+                "deleted": rep.deleted,
+                "failed": rep.failed,
+            }
+        )
+        return 0 if rep.ok else 1
+    rows = [(s, "keep", rep.plan.reason(s)) for s in rep.plan.keep] + [(s, "delete", reason) for s in rep.plan.delete]
+    print(f"run {rep.run}: policy {rep.policy}" + ("  (dry run: nothing is deleted)" if rep.dry_run else ""))
+    print(table(sorted(rows), ["step", "action", "reason"]))
+    if rep.dry_run:
+        print(f"would keep {len(rep.plan.keep)}, delete {len(rep.plan.delete)}")
+        return 0
+    gone = sorted(set(rep.plan.delete) - set(rep.deleted) - set(rep.failed))
+    print(
+        f"kept {len(rep.plan.keep)}, deleted {len(rep.deleted)}"
+        + (f", {len(gone)} already deleted by another process" if gone else "")
+        + (f", {len(rep.failed)} failed (left 'deleting'; run `ckptdb gc`)" if rep.failed else "")
+    )
+    for step, err in sorted(rep.failed.items()):
+        print(f"  step {step}: {err}", file=sys.stderr)
+    return 0 if rep.ok else 1
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Finish deletions, remove dead writers' debris, mark vanished checkpoints missing, list unknown dirs."""
+    from ckptdb import cleanup
+
+    cat = Catalog(_url(args), create=False)
+    runs = [args.run] if args.run else None
+    rep = cleanup.gc(
+        cat,
+        runs,
+        dry_run=args.dry_run,
+        remove_unknown=args.remove_unknown,
+        progress=None if args.json else _progress("gc"),
+    )
+    fields = ["rolled_back", "deletions_finished", "restored", "removed", "marked_missing", "foreign", "live_writers"]
+    if args.json:
+        _print_json(
+            {
+                "dry_run": rep.dry_run,
+                "runs": {name: {f: getattr(r, f) for f in fields} for name, r in rep.runs.items()},
+                "errors": rep.errors,
+            }
+        )
+        return 0 if rep.ok else 1
+    would = "would be " if rep.dry_run else ""
+    labels = {
+        "rolled_back": f"pending checkpoints of dead writers {would}rolled back",
+        "deletions_finished": f"interrupted deletions {would}finished",
+        "restored": f"checkpoints {would}moved back into place",
+        "removed": f"directories {would}removed",
+        "marked_missing": f"committed checkpoints whose files vanished, {would}marked missing",
+        "foreign": "step directories the catalog does not know" + ("" if args.remove_unknown else " (kept)"),
+        "live_writers": "pending checkpoints of live writers (left alone)",
+    }
+    for name, r in rep.runs.items():
+        lines = [f"  {labels[f]}: {', '.join(map(str, getattr(r, f)))}" for f in fields if getattr(r, f)]
+        if lines:
+            print(f"run {name}")
+            print("\n".join(lines))
+    for name, err in rep.errors.items():
+        print(f"run {name}: error: {err}", file=sys.stderr)
+    summary = ", ".join(f"{rep.total(f)} {f.replace('_', ' ')}" for f in fields)
+    print(f"gc{' (dry run)' if rep.dry_run else ''}: {len(rep.runs)} run(s): {summary}")
+    return 0 if rep.ok else 1
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    """Pin a checkpoint under a label: retention never deletes it (an existing label moves to STEP)."""
+    from ckptdb import validation
+
+    cat = Catalog(_url(args), create=False)
+    run = cat.get_run(args.run)
+    cat.pin(run.id, validation.step_nr(args.step), validation.name(args.label, "pin label"))
+    print(f"run {run.name}: step {args.step} pinned as {args.label!r}")
+    return 0
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    """Remove a pin label (exit 1 when the run has no such label)."""
+    from ckptdb import validation
+
+    cat = Catalog(_url(args), create=False)
+    run = cat.get_run(args.run)
+    if cat.unpin(run.id, validation.name(args.label, "pin label")):
+        print(f"run {run.name}: pin {args.label!r} removed")
+        return 0
+    print(f"run {run.name}: no pin labelled {args.label!r}", file=sys.stderr)
+    return 1
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -546,6 +701,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("prune", help=cmd_prune.__doc__, description=cmd_prune.__doc__)
+    _catalog_args(p)
+    p.add_argument("run", nargs="?", help="the run (default with --dir: that directory's run)")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest committed checkpoints")
+    p.add_argument("--keep-best", type=int, metavar="N", help="keep the N best by --metric")
+    p.add_argument("--metric", metavar="NAME", help="the score metric for --keep-best (default: score)")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--lower-better", dest="lower_better", action="store_true", default=None)
+    order.add_argument("--higher-better", dest="lower_better", action="store_false")
+    p.add_argument("--keep-every", type=int, metavar="K", help="keep every step that is a multiple of K")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
+    p.add_argument("--preserve-model", action="store_true", help="keep the model files of deleted checkpoints")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("gc", help=cmd_gc.__doc__, description=cmd_gc.__doc__)
+    _catalog_args(p)
+    p.add_argument("run", nargs="?", help="one run (default: every run of the catalog)")
+    p.add_argument("--dry-run", action="store_true", help="report what would be done, change nothing")
+    p.add_argument("--remove-unknown", action="store_true", help="also remove step directories the catalog lacks")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("pin", help=cmd_pin.__doc__, description=cmd_pin.__doc__)
+    _catalog_args(p)
+    p.add_argument("run")
+    p.add_argument("step", type=int)
+    p.add_argument("--label", required=True, help="e.g. release-1")
+    p.set_defaults(func=cmd_pin)
+
+    p = sub.add_parser("unpin", help=cmd_unpin.__doc__, description=cmd_unpin.__doc__)
+    _catalog_args(p)
+    p.add_argument("run")
+    p.add_argument("--label", required=True)
+    p.set_defaults(func=cmd_unpin)
 
     db = sub.add_parser("db", help="schema migrations: upgrade, downgrade, current, history")
     dbsub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")

@@ -533,7 +533,10 @@ class FileCheckpointManager:
             self._open = None
             release_token(op.token)
         if self.retention is not None:
-            self.apply_retention(self.retention)
+            try:
+                self.apply_retention(self.retention)
+            except CheckpointError as e:  # the commit stands; the next commit (or gc) prunes
+                log.warning("ckptdb: retention after step %d failed: %s", op.step_nr, e)
 
     def _undo_publish(self, op: _Open, moved: bool) -> None:
         """The catalog commit failed after the rename: put the directories back if the row is still ours."""
@@ -866,23 +869,36 @@ class FileCheckpointManager:
 
     def apply_retention(self, policy: Any, *, preserve_model: bool = False) -> list[int]:
         """Apply a retention policy (see :mod:`ckptdb.retention`); returns the deleted steps."""
-        from ckptdb import retention, verify
+        from ckptdb import cleanup, retention, verify
 
         def coordinator() -> list[int]:
-            plan = retention.plan(self.catalog, self._run.id, policy)
-            # never count a checkpoint damaged behind our back as one of the kept ones
-            while verify.mark_damaged_by_size(self.catalog, self._run, self.checkpoint_dir, plan.keep, self._who):
-                plan = retention.plan(self.catalog, self._run.id, policy)
-            deleted = []
-            for step in plan.delete:
-                try:
-                    self._delete(step, True, preserve_model, f"pruned by {policy}")
-                    deleted.append(step)
-                except CheckpointError as e:  # e.g. a concurrent prune got there first
-                    log.info("ckptdb: retention skipped step %d: %s", step, e)
-            return deleted
+            # never count a checkpoint damaged behind our back as one of the kept ones (a stat per file)
+            while verify.mark_damaged_by_size(
+                self.catalog,
+                self._run,
+                self.checkpoint_dir,
+                retention.plan(self.catalog, self._run.id, policy).keep,
+                self._who,
+            ):
+                pass
+            # one transaction decides (one query) and claims; then the files go (docs/retention.md)
+            return cleanup.apply_policy(
+                self.catalog,
+                self._run,
+                self.checkpoint_dir,
+                policy,
+                self._who,
+                preserve_model=preserve_model,
+                fsync=self.save_options.fsync,
+            )
 
         return self._on_coordinator(coordinator, "retention")
+
+    def retention_plan(self, policy: Any) -> Any:
+        """What ``policy`` would keep (with reasons) and delete, decided by the catalog; changes nothing."""
+        from ckptdb import retention
+
+        return self._on_coordinator(lambda: retention.plan(self.catalog, self._run.id, policy), "retention_plan")
 
     def pin(self, step_nr: int, label: str) -> None:
         """Protect ``step_nr`` from retention under ``label`` (moving the label if it exists)."""

@@ -85,7 +85,17 @@ def recover_run(
     stale_after: timedelta = timedelta(hours=2),
     fsync: bool = True,
     remove_foreign: bool = False,
+    dry_run: bool = False,
+    check_files: bool = False,
 ) -> RecoveryReport:
+    """Reconcile one run's directories with its catalog rows.
+
+    Args:
+        remove_foreign: also remove step directories the catalog does not know.
+        dry_run: change nothing; the report says what would be done.
+        check_files: also look for committed checkpoints whose directory or files vanished and
+            mark them ``missing`` (``ckptdb gc``; a manager's open skips this per-file check).
+    """
     rep = RecoveryReport()
     now = catalog.now
 
@@ -95,18 +105,22 @@ def recover_run(
         if writer_alive(c, stale_after, now):
             live_pending.add(c.step_nr)
             rep.live_writers.append(c.step_nr)
-        elif catalog.abort(c.id, f"writer {c.writer_host}:{c.writer_pid} died before commit", who):
+        elif dry_run or catalog.abort(c.id, f"writer {c.writer_host}:{c.writer_pid} died before commit", who):
             rep.rolled_back.append(c.step_nr)
 
     # 2. finish interrupted deletions (idempotent: a racing deleter loses the conditional update)
     for c in catalog.in_states(run.id, [State.DELETING]):
-        finish_delete(catalog, c, checkpoint_dir, who, fsync=fsync)
+        if not dry_run:
+            finish_delete(catalog, c, checkpoint_dir, who, fsync=fsync)
         rep.deletions_finished.append(c.step_nr)
 
     # 3. reconcile directories step by step
     if not checkpoint_dir.is_dir():
+        if check_files:
+            _check_committed_files(catalog, run, checkpoint_dir, who, rep, dry_run=dry_run)
         return rep
     by_step: dict[int, list[Path]] = {}
+    named: dict[Path, str | None] = {}  # the token in a work directory's name
     for entry in os.scandir(checkpoint_dir):
         if not entry.is_dir(follow_symlinks=False):
             continue
@@ -114,30 +128,73 @@ def recover_run(
         wd = layout.parse_work_dir(entry.name)
         if wd is not None:
             if wd.kind == "trash":
-                remove_tree(p, fsync=fsync)
+                if not dry_run:
+                    _remove_quietly(p, fsync=fsync)
                 rep.removed.append(entry.name)
                 continue
             by_step.setdefault(wd.step_nr, []).append(p)
+            named[p] = wd.token
             continue
         step = layout.parse_step_dir(entry.name)
         if step is not None:
             by_step.setdefault(step, []).append(p)
 
-    def owner(p: Path) -> str | None:
-        wd = layout.parse_work_dir(p.name)
-        return read_owner(p) or (wd.token if wd is not None else None)
-
-    owners = {p: owner(p) for ps in by_step.values() for p in ps}
+    # a writer creates step_N.tmp-<token>/ before it writes the token file inside: trust the name
+    owners = {p: read_owner(p) or named.get(p) for ps in by_step.values() for p in ps}
     rows = catalog.by_tokens(t for t in owners.values() if t)
     for step, dirs in sorted(by_step.items()):
         if step in live_pending:
             continue  # a live writer is mid-protocol on this step: hands off
         _reconcile_step(
-            catalog, run, checkpoint_dir, step, dirs, owners, rows, who, rep, fsync=fsync, remove_foreign=remove_foreign
+            catalog,
+            run,
+            checkpoint_dir,
+            step,
+            dirs,
+            owners,
+            rows,
+            who,
+            rep,
+            fsync=fsync,
+            remove_foreign=remove_foreign,
+            dry_run=dry_run,
         )
-    if rep.changed:
+    if check_files:
+        _check_committed_files(catalog, run, checkpoint_dir, who, rep, dry_run=dry_run)
+    if rep.changed and not dry_run:
         log.warning("ckptdb recovered run %r: %s", run.name, rep)
     return rep
+
+
+def _remove_quietly(path: Path, *, fsync: bool) -> None:
+    """Remove debris; another process removing the same directory at the same time is fine."""
+    try:
+        remove_tree(path, fsync=fsync)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("ckptdb: could not remove %s: %s", path, e)
+
+
+def _check_committed_files(
+    catalog: Catalog, run: RunInfo, checkpoint_dir: Path, who: tuple[str, int], rep: RecoveryReport, *, dry_run: bool
+) -> None:
+    """Mark committed checkpoints whose directory or files are gone as ``missing``."""
+    for c in catalog.in_states(run.id, [State.COMMITTED]):
+        step_dir = checkpoint_dir / c.directory
+        gone = [] if step_dir.is_dir() else ["(the step directory)"]
+        if not gone:
+            gone = [s.path for s in catalog.shards(c.id) if not (step_dir / s.path).is_file()]
+        if not gone:
+            continue
+        if any(checkpoint_dir.glob(f"{layout.step_dir_name(c.step_nr)}.old-*")):
+            continue  # an overwrite is between its two renames: not damage
+        if c.step_nr in rep.marked_missing:
+            continue
+        if dry_run:
+            rep.marked_missing.append(c.step_nr)
+        elif catalog.mark_damaged(c.id, State.MISSING, f"gc: files vanished: {', '.join(gone[:5])}", who):
+            rep.marked_missing.append(c.step_nr)
 
 
 def _reconcile_step(
@@ -153,6 +210,7 @@ def _reconcile_step(
     *,
     fsync: bool,
     remove_foreign: bool,
+    dry_run: bool = False,
 ) -> None:
     final = checkpoint_dir / layout.step_dir_name(step)
     # directories owned by another run's rows are never ours to touch
@@ -177,51 +235,63 @@ def _reconcile_step(
     if keeper_dir is None and keeper is not None:
         keeper_dir = next((d for d in mine if owned_by_keeper(d)), None)
         if keeper_dir is not None:
+            if not keeper_dir.is_dir():
+                return  # renamed since the scan (a commit finishing): the listing is stale, leave the step
             if final.exists():
-                o = owners.get(final)
+                o = owners.get(final) or read_owner(final)
+                if o == keeper.token:
+                    return  # the keeper reached its place since the scan
                 if o is not None and o in rows and rows[o].run_id == run.id:
-                    remove_tree(final, fsync=fsync)
+                    if not dry_run:
+                        remove_tree(final, fsync=fsync)
                     rep.removed.append(final.name)
                 else:
                     rep.foreign.append(final.name)
                     return
+            rep.restored.append(step)
+            if dry_run:
+                return
             keeper_dir.rename(final)
             if fsync:
                 fsync_dir(checkpoint_dir)
-            rep.restored.append(step)
             mine = [final if d == keeper_dir else d for d in mine]
             owners[final] = keeper.token
             keeper_dir = final
         elif not final.exists() and keeper.state == State.COMMITTED.value:
-            if catalog.mark_damaged(keeper.id, State.MISSING, "recovery: step directory is gone", who):
+            if dry_run or catalog.mark_damaged(keeper.id, State.MISSING, "recovery: step directory is gone", who):
                 rep.marked_missing.append(step)
 
     for d in mine:
         if d == keeper_dir:
             continue
         o = owners[d]
-        is_final = d == final
-        if o is None and not is_final:
-            wd = layout.parse_work_dir(d.name)
-            o = wd.token if wd is not None else None  # crashed between mkdir and the token file
+        if o is None:
+            # no token seen: look again; a directory renamed away meanwhile (a concurrent
+            # deletion or commit) is not ours to judge
+            o = read_owner(d)
+            if o is None and not d.is_dir():
+                continue
         if o is None:
             # no token: a directory ckptdb did not write (a user's, or fairseq2's own `step_N.tmp`)
             rep.foreign.append(d.name)
             if remove_foreign:
-                remove_tree(d, fsync=fsync)
+                if not dry_run:
+                    _remove_quietly(d, fsync=fsync)
                 rep.removed.append(d.name)
             continue
         if o not in rows:
-            rep.foreign.append(d.name)  # written by another catalog: leave it
+            rep.foreign.append(d.name)  # written by another catalog: leave it unless asked
+            if remove_foreign:
+                if not dry_run:
+                    _remove_quietly(d, fsync=fsync)
+                rep.removed.append(d.name)
             continue
         row = rows.get(o or "")
         if row is not None and row.state == State.PENDING.value:
             continue  # pending of a writer judged alive elsewhere: never touch
-        try:
-            remove_tree(d, fsync=fsync)
-            rep.removed.append(d.name)
-        except FileNotFoundError:
-            pass
+        rep.removed.append(d.name)
+        if not dry_run:
+            _remove_quietly(d, fsync=fsync)
 
 
 def finish_delete(
@@ -233,11 +303,22 @@ def finish_delete(
     owner = read_owner(step_dir) if step_dir.exists() else None
     if step_dir.exists() and owner not in (None, c.token):
         step_dir = None  # type: ignore[assignment]  # someone else's copy now lives there: not ours
+    if c.model_preserved and step_dir is not None and step_dir.is_dir():
+        kept = [s.path for s in catalog.shards(c.id) if layout.is_model_file(s.path)]
+    try:
+        _remove_files(c, step_dir, kept, fsync=fsync)
+    except FileNotFoundError:
+        pass  # a concurrent finisher (gc, a reopened manager) got there first
+    try:
+        catalog.mark_deleted(c.id, who, kept_paths=kept)
+    except ConcurrentModificationError:
+        pass  # another process finished it first
+    return kept
+
+
+def _remove_files(c: CheckpointInfo, step_dir: Path | None, kept: list[str], *, fsync: bool) -> None:
     if step_dir is not None and step_dir.exists():
         if c.model_preserved:
-            for shard in catalog.shards(c.id):
-                if layout.is_model_file(shard.path):
-                    kept.append(shard.path)
             for entry in sorted(step_dir.rglob("*"), reverse=True):
                 rel = entry.relative_to(step_dir).as_posix()
                 if rel in kept or rel == layout.TOKEN_FILE:
@@ -253,8 +334,3 @@ def finish_delete(
                 fsync_dir(step_dir)
         else:
             remove_tree(step_dir, fsync=fsync)
-    try:
-        catalog.mark_deleted(c.id, who, kept_paths=kept)
-    except ConcurrentModificationError:
-        pass  # another process finished it first
-    return kept

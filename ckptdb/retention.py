@@ -1,25 +1,41 @@
 """Retention policies: which committed checkpoints to keep.
 
-A policy answers "which steps to keep" from plain values (:meth:`Policy.keep`), so the rule is
-testable without a database; :func:`plan` asks the catalog for the same answer. Rules shared by
-every policy:
+A policy is a union of small rules (its *components*). The same rule has two implementations:
 
-- only ``committed`` checkpoints are candidates and only they count toward "kept" (pending,
-  corrupt, missing and deleted ones never do);
+- :func:`decide`, a pure function over plain values (:class:`Candidate`), testable without a
+  database;
+- the catalog's compiled query (:mod:`ckptdb.catalog.retention_sql`): one ``SELECT`` with a
+  ``ROW_NUMBER()`` window per component, answered by the database from its indexes, so the
+  decision never loads a run's rows into Python. :func:`plan` returns it.
+
+A property test checks that both agree on random inputs, on SQLite and PostgreSQL.
+
+Rules shared by every policy (docs/retention.md):
+
+- only ``committed`` checkpoints are candidates, and only they count toward "kept" (pending,
+  corrupt, missing, deleting and deleted ones never do);
 - the newest committed checkpoint is always kept (the resume point);
 - pinned checkpoints are always kept;
-- best-N ranks finite scores only (unscored, NaN and inf never rank as best); ties go to the
-  later step.
+- best-N ranks finite scores only (unscored, NaN and +/-inf never rank as best); among equal
+  scores the later step ranks first.
+
+Example:
+    >>> policy = AnyOf(KeepLast(2), KeepBest(3, metric="valid_loss", lower_better=True), KeepEvery(10_000))
+    >>> decide(policy, [Candidate(1, {"valid_loss": 0.5}), Candidate(2, {"valid_loss": 0.7})]).keep
+    [1, 2]
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from ckptdb.catalog import Catalog
+if TYPE_CHECKING:
+    from ckptdb.catalog import Catalog
+
+NEWEST = "newest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,24 +46,27 @@ class Candidate:
     scores: Mapping[str, float | None] = field(default_factory=dict)
 
 
+@runtime_checkable
 class Policy(Protocol):
     def keep(self, candidates: Sequence[Candidate]) -> set[int]: ...
-    def keep_in(self, catalog: Catalog, run_id: int) -> set[int]: ...
+    def components(self) -> tuple[Component, ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
 class KeepLast:
+    """Keep the ``n`` newest committed checkpoints."""
+
     n: int
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"KeepLast(n) needs n >= 1, not {self.n}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"KeepLast(n) needs an integer n >= 1, not {self.n!r}")
 
     def keep(self, candidates: Sequence[Candidate]) -> set[int]:
         return set(sorted(c.step_nr for c in candidates)[-self.n :])
 
-    def keep_in(self, catalog: Catalog, run_id: int) -> set[int]:
-        return {s for s, _ in catalog.committed_newest_first(run_id)[: self.n]}
+    def components(self) -> tuple[Component, ...]:
+        return (self,)
 
     def __str__(self) -> str:
         return f"keep_last({self.n})"
@@ -55,24 +74,31 @@ class KeepLast:
 
 @dataclass(frozen=True, slots=True)
 class KeepBest:
+    """Keep the ``n`` best committed checkpoints by ``metric`` (finite scores only; ties: later step)."""
+
     n: int
     metric: str = "score"
     lower_better: bool = False
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"KeepBest(n) needs n >= 1, not {self.n}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"KeepBest(n) needs an integer n >= 1, not {self.n!r}")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"KeepBest(metric) needs a metric name, not {self.metric!r}")
 
     def keep(self, candidates: Sequence[Candidate]) -> set[int]:
+        return {s for _, s in self.ranked(candidates)[: self.n]}
+
+    def ranked(self, candidates: Sequence[Candidate]) -> list[tuple[float, int]]:
+        """(score, step) of the candidates with a finite score, best first."""
         scored = [(c.scores.get(self.metric), c.step_nr) for c in candidates]
-        finite = [(v, s) for v, s in scored if v is not None and math.isfinite(v)]
+        finite = [(float(v), s) for v, s in scored if v is not None and math.isfinite(v)]
         sign = 1.0 if self.lower_better else -1.0
         finite.sort(key=lambda vs: (sign * vs[0], -vs[1]))
-        return {s for _, s in finite[: self.n]}
+        return finite
 
-    def keep_in(self, catalog: Catalog, run_id: int) -> set[int]:
-        ranked = catalog.ranked_by_score(run_id, self.metric, lower_better=self.lower_better)
-        return {s for s, _ in ranked[: self.n]}
+    def components(self) -> tuple[Component, ...]:
+        return (self,)
 
     def __str__(self) -> str:
         return f"keep_best({self.n}, metric={self.metric!r}, {'lower' if self.lower_better else 'higher'}_better)"
@@ -80,29 +106,53 @@ class KeepBest:
 
 @dataclass(frozen=True, slots=True)
 class KeepEvery:
+    """Keep every committed checkpoint whose step is a multiple of ``k``."""
+
     k: int
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"KeepEvery(k) needs k >= 1, not {self.k}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"KeepEvery(k) needs an integer k >= 1, not {self.k!r}")
 
     def keep(self, candidates: Sequence[Candidate]) -> set[int]:
         return {c.step_nr for c in candidates if c.step_nr % self.k == 0}
 
-    def keep_in(self, catalog: Catalog, run_id: int) -> set[int]:
-        return {s for s, _ in catalog.committed_newest_first(run_id) if s % self.k == 0}
+    def components(self) -> tuple[Component, ...]:
+        return (self,)
 
     def __str__(self) -> str:
         return f"keep_every({self.k})"
 
 
 @dataclass(frozen=True, slots=True)
+class KeepPinned:
+    """Keep pinned checkpoints (always implied; alone it means "keep only pinned and newest")."""
+
+    def keep(self, candidates: Sequence[Candidate]) -> set[int]:
+        return set()  # pins are not a property of the candidates: decide() adds them
+
+    def components(self) -> tuple[Component, ...]:
+        return (self,)
+
+    def __str__(self) -> str:
+        return "keep_pinned"
+
+
+Component = KeepLast | KeepBest | KeepEvery | KeepPinned
+
+
+@dataclass(frozen=True, slots=True)
 class AnyOf:
-    """The union of several policies."""
+    """The union of several policies: a checkpoint is kept when any of them keeps it."""
 
     policies: tuple[Policy, ...]
 
     def __init__(self, *policies: Policy) -> None:
+        if not policies:
+            raise ValueError("AnyOf() needs at least one policy")
+        for p in policies:
+            if not isinstance(p, Policy):
+                raise ValueError(f"AnyOf() takes retention policies, not {p!r}")
         object.__setattr__(self, "policies", tuple(policies))
 
     def keep(self, candidates: Sequence[Candidate]) -> set[int]:
@@ -111,11 +161,13 @@ class AnyOf:
             out |= p.keep(candidates)
         return out
 
-    def keep_in(self, catalog: Catalog, run_id: int) -> set[int]:
-        out: set[int] = set()
+    def components(self) -> tuple[Component, ...]:
+        out: list[Component] = []
         for p in self.policies:
-            out |= p.keep_in(catalog, run_id)
-        return out
+            for c in p.components():
+                if c not in out:
+                    out.append(c)
+        return tuple(out)
 
     def __str__(self) -> str:
         return " | ".join(str(p) for p in self.policies)
@@ -123,24 +175,70 @@ class AnyOf:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """A retention decision: the steps kept (each with its reasons) and the steps to delete."""
+
     keep: list[int]
     delete: list[int]
+    reasons: dict[int, tuple[str, ...]] = field(default_factory=dict)  # kept step -> why
+
+    def reason(self, step_nr: int) -> str:
+        return ", ".join(self.reasons.get(step_nr, ())) or "-"
 
 
-def decide(policy: Policy, candidates: Sequence[Candidate], pinned: set[int] = frozenset()) -> Plan:  # type: ignore[assignment]
-    """The pure rule: which committed steps survive ``policy``."""
+def pin_reason(labels: Sequence[str]) -> str:
+    return f"pinned({', '.join(sorted(labels))})"
+
+
+def decide(
+    policy: Policy,
+    candidates: Sequence[Candidate],
+    pinned: Mapping[int, Sequence[str]] | Set[int] = frozenset(),
+) -> Plan:
+    """The pure rule: which of the committed ``candidates`` survive ``policy``.
+
+    Args:
+        policy: a policy (``KeepLast(2)``, ``AnyOf(...)``, ...).
+        candidates: the run's committed checkpoints (nothing else counts).
+        pinned: pinned steps, optionally with their labels (``{step: [label, ...]}``).
+    """
     steps = sorted(c.step_nr for c in candidates)
-    kept = policy.keep(candidates) | (pinned & set(steps))
+    labels: dict[int, list[str]] = (
+        {s: list(v) for s, v in pinned.items()} if isinstance(pinned, Mapping) else {s: [] for s in pinned}
+    )
+    reasons: dict[int, list[str]] = {}
     if steps:
-        kept.add(steps[-1])
-    return Plan(sorted(kept), [s for s in steps if s not in kept])
+        reasons.setdefault(steps[-1], []).append(NEWEST)
+    for s in steps:
+        if s in labels:
+            reasons.setdefault(s, []).append(pin_reason(labels[s]))
+    for comp in policy.components():
+        for s in sorted(comp.keep(candidates)):
+            reasons.setdefault(s, []).append(str(comp))
+    kept = sorted(reasons)
+    return Plan(kept, [s for s in steps if s not in reasons], {s: tuple(r) for s, r in reasons.items()})
 
 
 def plan(catalog: Catalog, run_id: int, policy: Policy) -> Plan:
-    """The same rule, answered by catalog queries."""
-    committed = [s for s, _ in catalog.committed_newest_first(run_id)]
-    if not committed:
-        return Plan([], [])
-    kept = policy.keep_in(catalog, run_id) | set(catalog.pinned_steps(run_id)) & set(committed)
-    kept.add(committed[0])
-    return Plan(sorted(kept), sorted(s for s in committed if s not in kept))
+    """The same rule, answered by the catalog in one query (see :mod:`ckptdb.catalog.retention_sql`)."""
+    return catalog.retention_plan(run_id, policy.components())
+
+
+def deletion_reason(policy: Policy) -> str:
+    """What a deletion by ``policy`` records in ``checkpoints.delete_reason``."""
+    return f"pruned by {policy}"
+
+
+__all__ = [
+    "AnyOf",
+    "Candidate",
+    "Component",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "KeepPinned",
+    "Plan",
+    "Policy",
+    "decide",
+    "deletion_reason",
+    "plan",
+]

@@ -46,3 +46,47 @@ def assert_state_equal(a: Any, b: Any) -> None:
 def work_dirs(d: Path) -> list[str]:
     """Debris: anything in the checkpoint dir that is not a committed step, the catalog or model.yaml."""
     return sorted(p.name for p in d.iterdir() if ".tmp" in p.name or ".old-" in p.name or ".trash-" in p.name)
+
+
+def insert_rows(
+    catalog: Any,
+    run_name: str,
+    rows: list[tuple[int, str, dict[str, float | None]]],
+    pins: dict[int, list[str]] | None = None,
+) -> int:
+    """Insert checkpoint rows (step, state, scores) and pins straight into a catalog (no files).
+
+    For property tests of the retention query; returns the run id.
+    """
+    import secrets
+
+    from ckptdb.catalog.models import Checkpoint, Pin, Score
+    from ckptdb.catalog.store import _score_columns
+
+    run = catalog.ensure_run(run_name, f"/nonexistent/{run_name}")
+    with catalog.db.transaction() as s:
+        for step, state, scores in rows:
+            c = Checkpoint(
+                run_id=run.id,
+                step_nr=step,
+                state=state,
+                token=secrets.token_hex(8),
+                directory=f"step_{step}",
+                writer_host="h",
+                writer_pid=1,
+                ckptdb_version="t",
+                torch_version="t",
+                python_version="t",
+                hash_algorithm="xxh3_128",
+                model_preserved=False,
+            )
+            s.add(c)
+            s.flush()
+            for metric, value in scores.items():
+                if value is not None:
+                    v, raw = _score_columns(value)
+                    s.add(Score(checkpoint_id=c.id, metric=metric, value=v, raw_value=raw))
+        for step, labels in (pins or {}).items():
+            for label in labels:
+                s.add(Pin(run_id=run.id, step_nr=step, label=label))
+    return int(run.id)

@@ -12,10 +12,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from ckptdb.catalog import migrate
+from ckptdb.catalog import migrate, retention_sql
 from ckptdb.catalog.models import (
     LIVE_STATES,
     Checkpoint,
@@ -510,6 +510,7 @@ class Catalog:
 
     def pin(self, run_id: int, step_nr: int, label: str) -> None:
         with self.db.transaction() as s:
+            self._lock_run(s, run_id)  # serialises with retention claims on this run
             if (
                 s.execute(
                     select(Checkpoint.id).where(
@@ -530,6 +531,7 @@ class Catalog:
 
     def unpin(self, run_id: int, label: str) -> bool:
         with self.db.transaction() as s:
+            self._lock_run(s, run_id)
             p = s.execute(select(Pin).where(Pin.run_id == run_id, Pin.label == label)).scalar_one_or_none()
             if p is None:
                 return False
@@ -571,6 +573,103 @@ class Catalog:
 
     def now(self) -> datetime:
         return utcnow()
+
+    # -- retention as one query (ckptdb.catalog.retention_sql) ------------------------------
+
+    def _lock_run(self, s: Session, run_id: int) -> None:
+        """Serialise retention claims and pin changes on one run (SQLite: BEGIN IMMEDIATE already does)."""
+        if self.db.dialect == "postgresql":
+            # FOR NO KEY UPDATE: does not block inserts that reference the run (FOR KEY SHARE)
+            s.execute(select(Run.id).where(Run.id == run_id).with_for_update(key_share=True))
+
+    def _no_jit(self, s: Session) -> None:
+        """PostgreSQL's JIT costs tens of ms to compile a plan this query runs in a few: off, for this transaction."""
+        if self.db.dialect == "postgresql":
+            s.execute(text("SET LOCAL jit = off"))
+
+    def retention_plan(self, run_id: int, components: Sequence[Any]) -> Any:
+        """The policy's decision for every committed checkpoint of the run, with reasons (one query)."""
+        from ckptdb.retention import Plan
+
+        q, names = retention_sql.decision_query(run_id, components, only_delete=False)
+        with self.db.transaction(readonly=True) as s:
+            self._no_jit(s)
+            rows = list(s.connection().execute(q))  # Core rows: no ORM result processing
+        keep: list[int] = []
+        delete: list[int] = []
+        reasons: dict[int, tuple[str, ...]] = {}
+        for row in rows:
+            why = retention_sql.reasons_of(row, names)
+            if why:
+                keep.append(row[1])
+                reasons[row[1]] = why
+            else:
+                delete.append(row[1])
+        return Plan(keep, delete, reasons)
+
+    def retention_deletes(self, run_id: int, components: Sequence[Any]) -> list[int]:
+        """Only the steps the policy deletes (one query; what the benchmark times)."""
+        q, _ = retention_sql.decision_query(run_id, components, only_delete=True)
+        with self.db.transaction(readonly=True) as s:
+            self._no_jit(s)
+            return [row[1] for row in s.connection().execute(q)]
+
+    def claim_for_deletion(
+        self, run_id: int, components: Sequence[Any], reason: str, who: tuple[str, int], *, preserve_model: bool
+    ) -> list[CheckpointInfo]:
+        """Decide and claim in one transaction: committed -> deleting for every step the policy drops.
+
+        The decision is re-made under the run's write lock, so a pin added or a checkpoint
+        claimed by a concurrent prune since any earlier look is respected. The caller removes the
+        files and calls :meth:`mark_deleted` (``ckptdb gc`` finishes what a crash interrupts).
+        """
+        with self.db.transaction() as s:
+            self._lock_run(s, run_id)
+            self._no_jit(s)
+            now = utcnow()
+            claimed = list(
+                s.execute(
+                    update(Checkpoint)
+                    .where(
+                        Checkpoint.id.in_(retention_sql.ids_to_delete(run_id, components)),
+                        Checkpoint.state == State.COMMITTED,
+                    )
+                    .values(
+                        state=State.DELETING,
+                        state_changed_at=now,
+                        delete_reason=reason,
+                        model_preserved=preserve_model,
+                    )
+                    .returning(Checkpoint.id)
+                    .execution_options(synchronize_session=False)
+                ).scalars()
+            )
+            if not claimed:
+                return []
+            s.execute(
+                insert(CheckpointEvent),
+                [
+                    {
+                        "checkpoint_id": i,
+                        "at": now,
+                        "from_state": State.COMMITTED.value,
+                        "to_state": State.DELETING.value,
+                        "reason": reason,
+                        "host": who[0],
+                        "pid": who[1],
+                    }
+                    for i in claimed
+                ],
+            )
+            out: list[CheckpointInfo] = []
+            for i in range(0, len(claimed), 500):
+                q = select(Checkpoint).where(Checkpoint.id.in_(claimed[i : i + 500]))
+                out += [_ckpt_info(c) for c in s.execute(q).scalars()]
+            return sorted(out, key=lambda c: c.step_nr)
+
+    def deletions(self, run_id: int) -> list[CheckpointInfo]:
+        """Deleted (and being-deleted) checkpoints of a run with when and why, oldest first."""
+        return self.checkpoints(run_id, states=[State.DELETING.value, State.DELETED.value], with_scores=False)
 
     def by_tokens(self, tokens: Iterable[str]) -> dict[str, CheckpointInfo]:
         toks = list(set(tokens))

@@ -1,0 +1,157 @@
+"""Retention policies compiled to one SQL query (SQLite >= 3.25 and PostgreSQL).
+
+The shape, for ``AnyOf(KeepLast(2), KeepBest(3, "valid_loss", lower_better=True), KeepEvery(1000))``
+(the steps to delete; the plan with reasons selects the same conditions as columns)::
+
+    SELECT c.id, c.step_nr FROM checkpoints c
+    WHERE c.run_id = :run AND c.state = 'committed' AND NOT (
+          c.step_nr = (SELECT max(step_nr) FROM checkpoints                      -- newest
+                       WHERE run_id = :run AND state = 'committed')
+       OR c.step_nr IN (SELECT step_nr FROM pins WHERE run_id = :run)              -- pinned
+       OR c.step_nr IN (SELECT step_nr FROM checkpoints                          -- keep_last(2)
+                        WHERE run_id = :run AND state = 'committed'
+                        ORDER BY step_nr DESC LIMIT 2)
+       OR c.id IN (SELECT k.id FROM checkpoints k                                -- keep_best(3, ...)
+                   WHERE k.run_id = :run AND k.state = 'committed' AND <v> IS NOT NULL
+                   ORDER BY <v> ASC, k.step_nr DESC LIMIT 3)
+                   -- <v>: (SELECT value FROM scores WHERE checkpoint_id = k.id AND metric = 'valid_loss')
+       OR c.step_nr % 1000 = 0)                                                  -- keep_every(1000)
+    ORDER BY c.step_nr
+
+Each component is a ``LIMIT n`` subquery, evaluated once: the same answer as a
+``ROW_NUMBER() OVER (ORDER BY ...) <= n`` window per component, but the database stops after n
+rows of the ``checkpoints(run_id, state, step_nr)`` index for keep_last and keeps a top-n sort
+for keep_best (about 4x faster than the window form on SQLite for a 10 000-checkpoint run).
+``checkpoints(run_id, state, step_nr)`` serves every scan, ``scores(checkpoint_id, metric)``
+each score and ``pins(run_id, step_nr)`` the pins: nothing outside the run is read.
+Unscored, NaN and infinite scores are NULL in ``scores.value`` and never rank among the best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, false, func, not_, or_, select
+
+from ckptdb.catalog.models import Checkpoint, Pin, Score, State
+
+# pin labels never contain control characters (validation.name), so this separator is unambiguous
+LABEL_SEP = "\x1f"
+
+
+def component_specs(components: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Plain tuples for the policy components this module compiles (KeepPinned is implied)."""
+    from ckptdb.retention import KeepBest, KeepEvery, KeepLast, KeepPinned
+
+    out: list[tuple[Any, ...]] = []
+    for c in components:
+        if isinstance(c, KeepLast):
+            out.append(("last", c.n, str(c)))
+        elif isinstance(c, KeepBest):
+            out.append(("best", c.n, str(c), c.metric, c.lower_better))
+        elif isinstance(c, KeepEvery):
+            out.append(("every", c.k, str(c)))
+        elif isinstance(c, KeepPinned):
+            continue
+        else:
+            raise TypeError(f"not a retention component: {c!r}")
+    return out
+
+
+def _committed(run_id: int) -> Any:
+    c = Checkpoint.__table__.alias("k")
+    return c, (c.c.run_id == run_id, c.c.state == State.COMMITTED.value)
+
+
+def decision_query(run_id: int, components: Sequence[Any], *, only_delete: bool) -> tuple[Select[Any], list[str]]:
+    """The decision as one SELECT over the run's committed checkpoints.
+
+    ``only_delete=False``: ``(id, step_nr, newest, pins, k0..kn)`` for every committed checkpoint
+    (the plan with a reason per step). ``only_delete=True``: ``(id, step_nr)`` of the checkpoints
+    no component keeps. Returns the statement and the component names (the ``k`` columns' order).
+    """
+    specs = component_specs(components)
+    c = Checkpoint.__table__.alias("c")
+    mine = (c.c.run_id == run_id, c.c.state == State.COMMITTED.value)
+
+    def newest() -> ColumnElement[bool]:
+        k, where = _committed(run_id)
+        return c.c.step_nr == select(func.max(k.c.step_nr)).where(*where).scalar_subquery()
+
+    def kept_by(spec: tuple[Any, ...]) -> ColumnElement[bool]:
+        kind, n = spec[0], spec[1]
+        if kind == "every":
+            return (c.c.step_nr % n) == 0
+        k, where = _committed(run_id)
+        if kind == "last":  # the n newest: n entries of the (run_id, state, step_nr) index
+            return c.c.step_nr.in_(select(k.c.step_nr).where(*where).order_by(k.c.step_nr.desc()).limit(n))
+        metric, lower_better = spec[3], spec[4]
+        # the score as a correlated lookup in scores(checkpoint_id, metric): the planner cannot
+        # choose to walk scores(metric, value) across every run instead
+        s = Score.__table__.alias("s")
+        value = select(s.c.value).where(s.c.checkpoint_id == k.c.id, s.c.metric == metric).scalar_subquery()
+        # OFFSET 0 keeps the derived table (PostgreSQL would otherwise inline it and look each score up twice)
+        scored = select(k.c.id, k.c.step_nr, value.label("v")).where(*where).offset(0).subquery("b")
+        best = (
+            select(scored.c.id)
+            .where(scored.c.v.is_not(None))  # NULL: unscored, NaN, +/-inf (never best)
+            .order_by(scored.c.v.asc() if lower_better else scored.c.v.desc(), scored.c.step_nr.desc())  # ties
+            .limit(n)
+        )
+        return c.c.id.in_(best)
+
+    flags = [kept_by(spec) for spec in specs]
+    names = [spec[2] for spec in specs]
+    if only_delete:
+        pinned = c.c.step_nr.in_(select(Pin.step_nr).where(Pin.run_id == run_id))  # read once, not per row
+        q = select(c.c.id, c.c.step_nr).where(*mine, not_(or_(newest(), pinned, *flags, false()))).order_by(c.c.step_nr)
+        return q, names
+    labels = (
+        select(Pin.step_nr.label("step_nr"), func.aggregate_strings(Pin.label, LABEL_SEP).label("labels"))
+        .where(Pin.run_id == run_id)
+        .group_by(Pin.step_nr)
+        .subquery("p")
+    )
+    q = (
+        select(
+            c.c.id,
+            c.c.step_nr,
+            newest().label("newest"),
+            labels.c.labels.label("pins"),
+            *[f.label(f"k{i}") for i, f in enumerate(flags)],
+        )
+        .select_from(c.outerjoin(labels, labels.c.step_nr == c.c.step_nr))
+        .where(*mine)
+        .order_by(c.c.step_nr)
+    )
+    return q, names
+
+
+def reasons_of(row: Sequence[Any], names: Sequence[str]) -> tuple[str, ...]:
+    """The keep reasons of one decision row, in :func:`ckptdb.retention.decide`'s order."""
+    from ckptdb.retention import NEWEST, pin_reason
+
+    out: list[str] = []
+    if row[2]:
+        out.append(NEWEST)
+    if row[3] is not None:
+        out.append(pin_reason(str(row[3]).split(LABEL_SEP)))
+    out += [name for name, flag in zip(names, row[4:], strict=True) if flag]
+    return tuple(out)
+
+
+def ids_to_delete(run_id: int, components: Sequence[Any]) -> Select[Any]:
+    """``SELECT id`` of the committed checkpoints the policy does not keep (for ``UPDATE ... IN``)."""
+    q, _ = decision_query(run_id, components, only_delete=True)
+    sub = q.subquery("d")
+    return select(sub.c.id)
+
+
+def explain(conn: Any, q: Select[Any]) -> list[str]:
+    """The database's plan for ``q`` (SQLite: EXPLAIN QUERY PLAN details; PostgreSQL: EXPLAIN lines)."""
+    compiled = q.compile(conn)
+    if conn.dialect.name == "sqlite":
+        params = tuple(compiled.params[k] for k in compiled.positiontup or ())
+        return [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string, params)]
+    return [str(r[0]) for r in conn.exec_driver_sql("EXPLAIN " + compiled.string, compiled.params)]
