@@ -872,6 +872,9 @@ class FileCheckpointManager:
         from ckptdb import cleanup, retention, verify
 
         def coordinator() -> list[int]:
+            if not os.access(self.checkpoint_dir, os.W_OK):
+                log.warning("ckptdb: %s is read-only; retention deletes nothing", self.checkpoint_dir)
+                return []
             # never count a checkpoint damaged behind our back as one of the kept ones (a stat per file)
             while verify.mark_damaged_by_size(
                 self.catalog,
