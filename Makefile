@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install demo test test-fast lint bench torture clean
+.PHONY: install demo test lint bench torture clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ lint: install
 # Retention and catalog scale (a few minutes; PostgreSQL part skipped when no server answers).
 bench: install
 	$(BIN)/python benchmarks/retention_bench.py --pg-url "$(PG_URL)"
+
+# The long crash torture (200 random SIGKILLs per backend); `make test` runs a 12-kill version.
+torture: install
+	rm -rf /tmp/ckptdb-torture && $(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/sqlite/ck
+	$(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/pg/ck --fresh-db --url "$(PG_URL)"
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
