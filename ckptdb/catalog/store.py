@@ -8,6 +8,7 @@ is dead) exactly one wins and the other gets :class:`ConcurrentModificationError
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -28,7 +29,7 @@ from ckptdb.catalog.models import (
     utcnow,
 )
 from ckptdb.catalog.session import CatalogSession, masked
-from ckptdb.catalog.values import CheckpointInfo, RunInfo, ShardInfo, WriterInfo
+from ckptdb.catalog.values import CheckpointInfo, RunInfo, SaveTimings, ShardInfo, WriterInfo
 from ckptdb.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -76,6 +77,10 @@ def _ckpt_info(c: Checkpoint, scores: Mapping[str, float | None] | None = None) 
         torch_version=c.torch_version,
         user_metadata=c.user_metadata,
         scores=dict(scores or {}),
+        stage_seconds=c.stage_seconds,
+        write_seconds=c.write_seconds,
+        sync_seconds=c.sync_seconds,
+        commit_seconds=c.commit_seconds,
     )
 
 
@@ -269,8 +274,13 @@ class Catalog:
         scores: Mapping[str, float],
         user_metadata: dict[str, Any] | None,
         who: tuple[str, int],
+        timings: SaveTimings | None = None,
     ) -> CheckpointInfo:
-        """pending -> committed with every shard and score, superseding an older copy of the step."""
+        """pending -> committed with every shard and score, superseding an older copy of the step.
+
+        ``timings`` are recorded on the row; ``commit_seconds`` runs from ``timings.commit_started``
+        to the last statement of this transaction (its COMMIT cannot be timed in the row it commits).
+        """
         files = list(files)
         with self.db.transaction() as s:
             c = s.get(Checkpoint, ckpt_id)
@@ -335,6 +345,14 @@ class Catalog:
                 v, raw = _score_columns(value)
                 s.add(Score(checkpoint_id=ckpt_id, metric=metric, value=v, raw_value=raw))
             now = utcnow()
+            cost: dict[str, float] = {}
+            if timings is not None:
+                cost = {
+                    "stage_seconds": timings.stage_seconds,
+                    "write_seconds": timings.write_seconds,
+                    "sync_seconds": timings.sync_seconds,
+                    "commit_seconds": time.perf_counter() - timings.commit_started,
+                }
             self._move(
                 s,
                 ckpt_id,
@@ -342,6 +360,7 @@ class Catalog:
                 State.COMMITTED,
                 reason="commit_checkpoint",
                 who=who,
+                **cost,
                 committed_at=now,
                 total_bytes=sum(f.size_bytes for f in files),
                 file_count=len(files),

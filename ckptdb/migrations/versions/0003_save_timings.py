@@ -1,0 +1,30 @@
+"""Save timings: what each checkpoint's save cost (staging, writing, syncing, committing).
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-28 23:58:00.000000
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0001"  # MERGE: set down_revision to "0002" (the views revision) when merging
+branch_labels = None
+depends_on = None
+
+_COLUMNS = ("stage_seconds", "write_seconds", "sync_seconds", "commit_seconds")
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("checkpoints", schema=None) as batch_op:
+        for name in _COLUMNS:
+            batch_op.add_column(sa.Column(name, sa.Float(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("checkpoints", schema=None) as batch_op:
+        for name in reversed(_COLUMNS):
+            batch_op.drop_column(name)
