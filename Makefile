@@ -31,6 +31,12 @@ test: install
 	fi; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Save/load throughput side by side (docs/benchmarks.md, docs/bench_save_load.png); BENCH_ARGS="--gib 1 4".
+# Drops the page cache between runs when root. Scripts of other benchmarks join this target.
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python benchmarks/save_load_bench.py $(BENCH_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

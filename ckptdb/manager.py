@@ -77,6 +77,7 @@ log = logging.getLogger("ckptdb")
 T = TypeVar("T")
 
 _NOT_STATE_FILES = {layout.SCORE_FILE, layout.TOKEN_FILE}
+_HEARTBEAT_EVERY_S = 60.0
 
 
 def default_run_name(checkpoint_dir: Path) -> str:
@@ -114,6 +115,7 @@ class _Open:
     user_metadata: dict[str, Any] | None = None
     staged: list[TorchFile] = dataclasses.field(default_factory=list)  # asynchronous saves: written at commit
     stage_seconds: float = 0.0
+    last_beat: float = dataclasses.field(default_factory=time.monotonic)  # begin wrote the first heartbeat
 
 
 class FileCheckpointManager:
@@ -453,6 +455,11 @@ class FileCheckpointManager:
         op.scores[validation.name(metric, "metric")] = validation.score(score)
 
     def _heartbeat(self, op: _Open) -> None:
+        # At most one heartbeat transaction a minute: it only has to beat RecoveryOptions.stale_after
+        # (hours), and each one is a synchronous catalog write on the save's critical path.
+        if time.monotonic() - op.last_beat < _HEARTBEAT_EVERY_S:
+            return
+        op.last_beat = time.monotonic()
         if self.is_coordinator and op.info is not None:
             try:
                 self.catalog.heartbeat(op.info.id)
