@@ -68,7 +68,7 @@ from ckptdb.recovery import (
 )
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import new_hasher
-from ckptdb.storage.reader import check_file, load_torch
+from ckptdb.storage.reader import check_files, load_torch
 from ckptdb.storage.safety import check_weights_only_safe
 from ckptdb.storage.staging import StagingArea
 from ckptdb.storage.writer import FileRecord, StepWriter, TorchFile, publish, remove_tree, write_text_atomic
@@ -602,14 +602,9 @@ class FileCheckpointManager:
         if verify == "none":
             return
         step_dir = self.checkpoint_dir / info.directory
+        recs = [FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest) for s in shards]
         try:
-            for s in shards:
-                check_file(
-                    step_dir,
-                    FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest),
-                    info.step_nr,
-                    digest=verify == "digest",
-                )
+            check_files(step_dir, recs, info.step_nr, digest=verify == "digest")
         except CheckpointCorruptError as e:
             self._mark_damaged(info, e)
             raise

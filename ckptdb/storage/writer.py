@@ -44,8 +44,7 @@ def fsync_dir(path: Path) -> None:
 
 T = TypeVar("T")
 _CHUNK = 16 << 20  # hash + write granularity (a large storage arrives in one write() call)
-_WINDOW = int(os.environ.get("CKPTDB_WINDOW_MIB", "32")) << 20  # start writeback of every window once written
-_WAIT = os.environ.get("CKPTDB_WAIT", "1") == "1"
+_WINDOW = 32 << 20  # start the writeback of every 32 MiB as soon as it is written
 _crc_lock = threading.Lock()
 _crc_users = 0
 _crc_saved = True
@@ -138,7 +137,7 @@ class _HashingFile:
 
     def _writeback(self) -> None:
         os.sync_file_range(self._fd, self._kicked, self.size - self._kicked, os.SYNC_FILE_RANGE_WRITE)
-        if _WAIT and self._kicked > self._waited:
+        if self._kicked > self._waited:
             flags = os.SYNC_FILE_RANGE_WAIT_BEFORE | os.SYNC_FILE_RANGE_WRITE | os.SYNC_FILE_RANGE_WAIT_AFTER
             os.sync_file_range(self._fd, self._waited, self._kicked - self._waited, flags)
             self._waited = self._kicked

@@ -19,6 +19,7 @@ from ckptdb.storage import writer
 from tests.helpers import make_state
 
 armed = False
+said = threading.Lock()
 
 
 def main() -> None:
@@ -29,7 +30,8 @@ def main() -> None:
     def write(self: writer._HashingFile, data: bytes) -> int:  # type: ignore[override]
         n = orig_write(self, data)
         if armed and self.size > 512 and threading.current_thread() is not threading.main_thread():
-            print("KILLME background-write", flush=True)
+            if said.acquire(blocking=False):  # files are written in parallel threads: say it once
+                print("KILLME background-write", flush=True)
             time.sleep(120)
         return n
 
