@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from ckptdb.catalog import migrate
@@ -214,22 +214,23 @@ class Catalog:
     ) -> CheckpointInfo:
         """Insert the pending row (before any file is written)."""
         with self.db.transaction() as s:
-            pending = s.execute(
-                select(Checkpoint).where(
-                    Checkpoint.run_id == run_id,
-                    Checkpoint.step_nr == step_nr,
-                    Checkpoint.state == State.PENDING,
+            rows = (
+                s.execute(
+                    select(Checkpoint).where(
+                        Checkpoint.run_id == run_id,
+                        Checkpoint.step_nr == step_nr,
+                        Checkpoint.state.in_([State.PENDING.value, *_LIVE]),
+                    )
                 )
-            ).scalar_one_or_none()
+                .scalars()
+                .all()
+            )  # one round trip: the pending writer and the live copy of this step, if any
+            pending = next((r for r in rows if State(r.state) == State.PENDING), None)
             if pending is not None:
                 raise InvalidOperationError(
                     f"step {step_nr} is already being written by {pending.writer_host} pid {pending.writer_pid}"
                 )
-            live = s.execute(
-                select(Checkpoint).where(
-                    Checkpoint.run_id == run_id, Checkpoint.step_nr == step_nr, Checkpoint.state.in_(_LIVE)
-                )
-            ).scalar_one_or_none()
+            live = next((r for r in rows if State(r.state).value in _LIVE), None)
             if live is not None and not overwrite:
                 raise CheckpointExistsError(
                     f"step {step_nr} already has a {State(live.state).value} checkpoint; pass "
@@ -289,13 +290,17 @@ class Catalog:
                     f"checkpoint #{ckpt_id} is no longer pending "
                     f"({State(c.state).value if c else 'gone'}): it was rolled back by another process"
                 )
-            old = s.execute(
-                select(Checkpoint).where(
+            # one query for the other rows of this step that the commit changes: the live copy it
+            # supersedes and model-only leftovers of deleted copies (the common case: none)
+            others = s.execute(
+                select(Checkpoint.id, Checkpoint.state, Checkpoint.model_preserved).where(
                     Checkpoint.run_id == c.run_id,
                     Checkpoint.step_nr == c.step_nr,
-                    Checkpoint.state.in_(_LIVE),
+                    Checkpoint.id != ckpt_id,
+                    or_(Checkpoint.state.in_(_LIVE), Checkpoint.model_preserved.is_(True)),
                 )
-            ).scalar_one_or_none()
+            ).all()
+            old = next((o for o in others if State(o.state).value in _LIVE), None)
             if old is not None:
                 self._move(
                     s,
@@ -305,30 +310,19 @@ class Catalog:
                     reason=f"overwritten by checkpoint #{ckpt_id}",
                     who=who,
                 )
-            # a model-only leftover of a deleted copy is replaced too
-            s.execute(
-                update(Shard)
-                .where(
-                    Shard.checkpoint_id.in_(
-                        select(Checkpoint.id).where(
-                            Checkpoint.run_id == c.run_id,
-                            Checkpoint.step_nr == c.step_nr,
-                            Checkpoint.model_preserved.is_(True),
-                        )
-                    ),
-                    Shard.removed_at.is_(None),
+            preserved = [o.id for o in others if o.model_preserved]
+            if preserved:  # a model-only leftover of a deleted copy is replaced too
+                s.execute(
+                    update(Shard)
+                    .where(Shard.checkpoint_id.in_(preserved), Shard.removed_at.is_(None))
+                    .values(removed_at=utcnow())
                 )
-                .values(removed_at=utcnow())
-            )
-            s.execute(
-                update(Checkpoint)
-                .where(
-                    Checkpoint.run_id == c.run_id,
-                    Checkpoint.step_nr == c.step_nr,
-                    Checkpoint.model_preserved.is_(True),
+                s.execute(
+                    update(Checkpoint)
+                    .where(Checkpoint.id.in_(preserved))
+                    .values(model_preserved=False)
+                    .execution_options(synchronize_session=False)
                 )
-                .values(model_preserved=False)
-            )
             for f in files:
                 s.add(
                     Shard(
