@@ -22,7 +22,14 @@ ASYNC = SaveOptions(blocking=False)
 def big_state(seed: int, n: int = 1 << 20) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, generator=g)
-    model = {"w": w, "tied": w, "view": w[10:20], "b": torch.randn(7, generator=g), "nc": torch.randn(64, 32).t()}
+    model = {
+        "w": w,
+        "tied": w,
+        "view": w[10:20],
+        "b": torch.randn(7, generator=g),
+        "nc": torch.randn(64, 32).t(),
+        "p": torch.nn.Parameter(torch.randn(5, generator=g)),
+    }
     optim = {
         "state": {0: {"exp_avg": torch.randn(n, generator=g), "step": torch.tensor(3.0)}},
         "param_groups": [{"lr": 0.001, "betas": (0.9, 0.999), "params": [0]}],
@@ -39,6 +46,8 @@ def mutate(state: dict[str, Any]) -> None:
     state["model"]["w"].add_(1.0)
     state["model"]["b"].zero_()
     state["model"]["nc"].mul_(-1)
+    with torch.no_grad():
+        state["model"]["p"].add_(3.0)
     state["optimizer"]["state"][0]["exp_avg"].fill_(7.0)
     state["optimizer"]["state"][0]["step"] += 1
     state["optimizer"]["param_groups"][0]["lr"] = 0.5
@@ -96,6 +105,7 @@ def test_values_changed_after_the_call_never_reach_the_checkpoint(tmp_path: Path
         assert loaded["model"]["tied"].untyped_storage().data_ptr() == lw.untyped_storage().data_ptr()
         assert loaded["model"]["view"].untyped_storage().data_ptr() == lw.untyped_storage().data_ptr()
         assert loaded["model"]["nc"].stride() == expected["model"]["nc"].stride()
+        assert isinstance(loaded["model"]["p"], torch.nn.Parameter) and loaded["model"]["p"].requires_grad
 
 
 def test_staging_buffers_are_reused(tmp_path: Path, catalog_url: str) -> None:
