@@ -6,8 +6,11 @@ then :func:`publish` renames the finished directory into place (see docs/archite
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +48,29 @@ def fsync_dir(path: Path) -> None:
 T = TypeVar("T")
 _CHUNK = 16 << 20  # hash + write granularity (a large storage arrives in one write() call)
 _WINDOW = 32 << 20  # start the writeback of every 32 MiB as soon as it is written
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4  # <linux/fs.h>
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], None] | None:
+    """libc's ``sync_file_range(2)`` (Python's os module lacks it); None where it is missing."""
+    if not sys.platform.startswith("linux") or os.environ.get("CKPTDB_NO_STREAMING") == "1":
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
+        if fn(fd, offset, nbytes, flags) != 0:  # ctypes releases the GIL during the call
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return sync_file_range
+
+
+_sync_file_range = _load_sync_file_range()
 _crc_lock = threading.Lock()
 _crc_users = 0
 _crc_saved = True
@@ -116,7 +142,7 @@ class _HashingFile:
     def __init__(self, fd: int, hasher: Hasher, *, stream: bool) -> None:
         self._fd = fd
         self._hasher = hasher
-        self._stream = stream and hasattr(os, "sync_file_range")
+        self._stream = stream and _sync_file_range is not None
         self._kicked = 0  # bytes handed to writeback
         self._waited = 0  # bytes known to be on the device
         self.size = 0
@@ -136,11 +162,17 @@ class _HashingFile:
         return n
 
     def _writeback(self) -> None:
-        os.sync_file_range(self._fd, self._kicked, self.size - self._kicked, os.SYNC_FILE_RANGE_WRITE)
-        if self._kicked > self._waited:
-            flags = os.SYNC_FILE_RANGE_WAIT_BEFORE | os.SYNC_FILE_RANGE_WRITE | os.SYNC_FILE_RANGE_WAIT_AFTER
-            os.sync_file_range(self._fd, self._waited, self._kicked - self._waited, flags)
-            self._waited = self._kicked
+        assert _sync_file_range is not None
+        try:
+            _sync_file_range(self._fd, self._kicked, self.size - self._kicked, _SFR_WRITE)
+            if self._kicked > self._waited:
+                flags = _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER
+                _sync_file_range(self._fd, self._waited, self._kicked - self._waited, flags)
+                self._waited = self._kicked
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ESPIPE):
+                raise  # EIO and friends: the write failed
+            self._stream = False  # a filesystem without it: the final fsync writes everything
         self._kicked = self.size
 
     def flush(self) -> None:
