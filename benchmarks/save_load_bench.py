@@ -477,6 +477,28 @@ def peak_memory(gib: float, base: Path) -> dict[str, dict[str, int]]:
 
 # -- reporting -------------------------------------------------------------------------------
 
+NOTES = [
+    "**raw write + fsync** is the limit for saves: the tensor bytes `os.write`n into two files "
+    "(model / rest), each fsynced. No format, no hash. Every save row writes the same bytes (plus a "
+    "few KB of format) and ends durable (fsync).",
+    "**ckptdb sync save** is the whole `begin_checkpoint -> save_state -> commit_checkpoint`: the "
+    "catalog's begin and commit transactions, xxh3-128 of every byte, both files fsynced, directory "
+    "fsyncs and the rename. **ckptdb file writer alone** is its data path without the catalog "
+    "(`StepWriter`: torch's zip format without CRC32, written to the fd, streamed writeback, both "
+    "files in parallel).",
+    "**raw read (limit)** reads both files at once into reused buffers after `drop_caches`: the "
+    "device. `raw read into fresh memory` is what any eager load also pays: page faults on new memory.",
+    "**ckptdb load_checkpoint (digest, mmap) + touch all** is the default load: digests of both "
+    "files computed in parallel (the cold read), then `torch.load(mmap=True)` and one read per 4 KiB "
+    "page of every tensor, so the tensors are resident. `mmap=False` reads the (now cached) files "
+    "again into fresh memory: page faults make it slower.",
+    "**ckptdb lazy load** (`verify='size'`, mmap) reads no tensor data: its time is the catalog "
+    "queries and the zip directory, the same at every size. It checks only sizes (see "
+    "docs/architecture.md, Loading).",
+    "The host is a shared 2-vCPU VM: single figures move by ±30 % between runs; ratios within one "
+    "run are what the targets are judged on. The min-max columns show the spread.",
+]
+
 
 def fmt_row(name: str, xs: list[float], nbytes: int, limit: float | None, kind: str) -> str:
     med = statistics.median(xs)
@@ -578,6 +600,11 @@ def render(res: Results, infos: dict[float, dict[str, Any]], cat: dict[str, list
             )
         lines.append("")
     lines.append("![save and load throughput](bench_save_load.png)")
+    lines.append("")
+    lines.append("How to read this:")
+    lines.append("")
+    for note in NOTES:
+        lines.append(f"- {note}")
     lines.append("")
     return "\n".join(lines)
 
