@@ -18,10 +18,13 @@ Call order: ``submit(step_nr, fn)`` -> ``wait()`` (also implied by the manager's
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
 from ckptdb.errors import CheckpointError, InvalidOperationError
+
+log = logging.getLogger("ckptdb")
 
 
 class BackgroundCommitError(CheckpointError):
@@ -62,6 +65,8 @@ class BackgroundCommitter:
                     fn()
                 except BaseException as e:  # noqa: BLE001 - kept and raised by wait()
                     self._error = e
+                    # also logged: a program that never calls the manager again still hears of it
+                    log.error("ckptdb: the background commit of step %d failed: %s", step_nr, e)
 
             self._step_nr = step_nr
             self._thread = threading.Thread(target=run, name=f"ckptdb-commit-{step_nr}", daemon=False)
