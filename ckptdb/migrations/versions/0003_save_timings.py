@@ -17,14 +17,18 @@ depends_on = None
 
 _COLUMNS = ("stage_seconds", "write_seconds", "sync_seconds", "commit_seconds")
 
+# recreate="never": plain ALTER TABLE ADD/DROP COLUMN (SQLite >= 3.35 drops columns in place).
+# A batch *recreation* of `checkpoints` would DROP the old table, and with foreign_keys=ON SQLite
+# then cascade-deletes every shard, score and event row that refers to it.
+
 
 def upgrade() -> None:
-    with op.batch_alter_table("checkpoints", schema=None) as batch_op:
+    with op.batch_alter_table("checkpoints", schema=None, recreate="never") as batch_op:
         for name in _COLUMNS:
             batch_op.add_column(sa.Column(name, sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("checkpoints", schema=None) as batch_op:
+    with op.batch_alter_table("checkpoints", schema=None, recreate="never") as batch_op:
         for name in reversed(_COLUMNS):
             batch_op.drop_column(name)
