@@ -31,15 +31,19 @@ test: install
 	fi; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Save/load throughput side by side (docs/benchmarks.md, docs/bench_save_load.png); BENCH_ARGS="--gib 1 4".
+# Drops the page cache between runs when root. Scripts of other benchmarks join this target.
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python benchmarks/save_load_bench.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/retention_bench.py --pg-url "$(PG_URL)"
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy ckptdb
 
 # Retention and catalog scale (a few minutes; PostgreSQL part skipped when no server answers).
-bench: install
-	$(BIN)/python benchmarks/retention_bench.py --pg-url "$(PG_URL)"
-
 # The long crash torture (200 random SIGKILLs per backend); `make test` runs a 12-kill version.
 torture: install
 	rm -rf /tmp/ckptdb-torture && $(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/sqlite/ck

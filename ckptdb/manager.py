@@ -12,6 +12,12 @@ docs/distributed.md)::
                                    catalog: 'pending' -> 'committed' with every file's size and digest
       | abort_checkpoint()         catalog: 'pending' -> 'aborted'      disk: remove step_N.tmp-<token>/
 
+Asynchronous saves (one process; ``SaveOptions(blocking=False)``): ``save_state`` copies the
+state into reused host staging buffers instead of writing it, ``commit_checkpoint()`` returns at
+once and a background thread writes, hashes, fsyncs, renames and commits the catalog row
+(:mod:`ckptdb.asyncsave`). The next manager call waits for it and raises its error, if any;
+``wait()`` does so explicitly. Training may change its tensors as soon as ``save_state`` returns.
+
 Example:
     >>> manager = FileCheckpointManager(checkpoint_dir=Path("checkpoints"))
     >>> manager.begin_checkpoint(step_nr=1000)
@@ -29,6 +35,7 @@ import logging
 import os
 import platform
 import secrets
+import time
 from collections.abc import Callable, Mapping, Set
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +44,8 @@ import torch
 import yaml
 
 from ckptdb import __version__, _proc, validation
-from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, ShardInfo, WriterInfo
+from ckptdb.asyncsave import BackgroundCommitter
+from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, SaveTimings, ShardInfo, WriterInfo
 from ckptdb.catalog.models import State
 from ckptdb.catalog.session import masked, sqlite_url
 from ckptdb.distributed import (
@@ -72,14 +80,16 @@ from ckptdb.recovery import (
 from ckptdb.storage import dcp as sharded_io
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import new_hasher
-from ckptdb.storage.reader import check_file, load_torch
+from ckptdb.storage.reader import check_files, load_torch
 from ckptdb.storage.safety import check_weights_only_safe
-from ckptdb.storage.writer import FileRecord, StepWriter, publish, remove_tree, write_text_atomic
+from ckptdb.storage.staging import StagingArea
+from ckptdb.storage.writer import FileRecord, StepWriter, TorchFile, publish, remove_tree, write_text_atomic
 
 log = logging.getLogger("ckptdb")
 T = TypeVar("T")
 
 _NOT_STATE_FILES = {layout.SCORE_FILE, layout.TOKEN_FILE}
+_HEARTBEAT_EVERY_S = 60.0
 
 
 def default_run_name(checkpoint_dir: Path) -> str:
@@ -116,6 +126,9 @@ class _Open:
     scores: dict[str, float] = dataclasses.field(default_factory=dict)
     user_metadata: dict[str, Any] | None = None
     state_saved: bool = False
+    staged: list[TorchFile] = dataclasses.field(default_factory=list)  # asynchronous saves: written at commit
+    stage_seconds: float = 0.0
+    last_beat: float = dataclasses.field(default_factory=time.monotonic)  # begin wrote the first heartbeat
 
 
 class FileCheckpointManager:
@@ -166,6 +179,10 @@ class FileCheckpointManager:
         self._open: _Open | None = None
         self._catalog: Catalog | None = None
         self.last_recovery: RecoveryReport | None = None
+        self._background = BackgroundCommitter()
+        self._staging = StagingArea()
+        if not self.save_options.blocking and self.gang.size > 1:
+            raise InvalidArgumentError("SaveOptions(blocking=False): asynchronous saves are single-process only")
         self._run: RunInfo = self._on_coordinator(self._open_catalog, "opening the catalog")
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -217,6 +234,7 @@ class FileCheckpointManager:
 
     def recover(self) -> RecoveryReport | None:
         """Roll back dead writers' pending checkpoints and remove debris (done on open)."""
+        self.wait()
         return self._on_coordinator(lambda: self._recover(self._run), "recovery")
 
     def _writer_info(self) -> WriterInfo:
@@ -250,6 +268,7 @@ class FileCheckpointManager:
         """
         if self._open is not None:
             raise InvalidOperationError("`begin_checkpoint()` has already been called.")
+        self.wait()
         step_nr = validation.step_nr(step_nr)
 
         def coordinator() -> tuple[CheckpointInfo, str]:
@@ -295,6 +314,7 @@ class FileCheckpointManager:
             token,
             hash_algorithm=self.save_options.hash_algorithm,
             fsync=self.save_options.fsync,
+            parallel=self.save_options.parallel_files,
         )
 
     def _check_step_dir_free(self, step_nr: int, overwrite: bool) -> None:
@@ -383,26 +403,33 @@ class FileCheckpointManager:
 
         def write() -> None:
             rest = {k: v for k, v in state.items() if k not in sharded}
+            files: list[TorchFile] = []
             if model_key in rest and (dp_size == 1 or model_key in replicated_keys or "*" in replicated_keys):
                 model = rest.pop(model_key)
                 if dp_rank == 0:
-                    op.writer.write_torch(
-                        layout.model_file(tp_rank, tp_size),
-                        {model_key: model, "model_key": model_key},
-                        rank=self.gang.rank,
-                        kind="model",
+                    files.append(
+                        TorchFile(
+                            layout.model_file(tp_rank, tp_size),
+                            {model_key: model, "model_key": model_key},
+                            self.gang.rank,
+                            "model",
+                        )
                     )
             if replicated_keys:
                 keys = set(rest) if "*" in replicated_keys else replicated_keys & set(rest)
                 replicated = {k: rest.pop(k) for k in sorted(keys)}
                 if dp_rank == 0 and replicated:
-                    op.writer.write_torch(
-                        layout.replicated_file(tp_rank, tp_size), replicated, rank=self.gang.rank, kind="replicated"
+                    files.append(
+                        TorchFile(layout.replicated_file(tp_rank, tp_size), replicated, self.gang.rank, "replicated")
                     )
             if rest:
-                op.writer.write_torch(
-                    layout.rank_file(dp_rank, tp_rank, tp_size), rest, rank=self.gang.rank, kind="rank"
-                )
+                files.append(TorchFile(layout.rank_file(dp_rank, tp_rank, tp_size), rest, self.gang.rank, "rank"))
+            if self.save_options.blocking:
+                op.writer.write_torch_many(files)
+            else:  # asynchronous: copy now, write at commit (in the background)
+                self._staging.reset_stats()
+                op.staged.extend(dataclasses.replace(f, obj=self._staging.stage(f.relpath, f.obj)) for f in files)
+                op.stage_seconds += self._staging.seconds
 
         op.state_saved = True
         self._write_all(op, "save_state", write)
@@ -479,15 +506,61 @@ class FileCheckpointManager:
         op.scores[validation.name(metric, "metric")] = validation.score(score)
 
     def _heartbeat(self, op: _Open) -> None:
+        # At most one heartbeat transaction a minute: it only has to beat RecoveryOptions.stale_after
+        # (hours), and each one is a synchronous catalog write on the save's critical path.
+        if time.monotonic() - op.last_beat < _HEARTBEAT_EVERY_S:
+            return
+        op.last_beat = time.monotonic()
         if self.is_coordinator and op.info is not None:
             try:
                 self.catalog.heartbeat(op.info.id)
             except CheckpointError as e:
                 log.warning("ckptdb: heartbeat failed: %s", e)
 
-    def commit_checkpoint(self) -> None:
-        """Make the open checkpoint durable and visible: fsync, rename, one catalog transaction."""
+    def commit_checkpoint(self, *, blocking: bool | None = None) -> None:
+        """Make the open checkpoint durable and visible: fsync, rename, one catalog transaction.
+
+        Args:
+            blocking: ``False`` returns at once and commits in a background thread (one process
+                only): the files staged by ``save_state`` are written, hashed and fsynced, the
+                directory renamed and the catalog row committed there. The next manager call (or
+                ``wait()``) waits for it and raises its error. Default: ``SaveOptions.blocking``.
+
+        Example:
+            >>> manager.save_state(state)            # SaveOptions(blocking=False): a memcpy
+            >>> manager.commit_checkpoint()          # returns at once; training goes on
+            >>> manager.wait()                       # optional: block until committed (or raise)
+        """
         op = self._require_open()
+        blocking = self.save_options.blocking if blocking is None else blocking
+        if blocking:
+            self._commit(op)
+            return
+        if self.gang.size > 1:
+            raise InvalidOperationError("commit_checkpoint(blocking=False) is single-process only")
+        self._open = None  # the background thread owns it now; begin_checkpoint waits for it
+        self._background.submit(op.step_nr, lambda: self._commit(op))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a background commit (``blocking=False``); raise its error if it failed.
+
+        Returns False when ``timeout`` (seconds) expired first.
+
+        Raises:
+            BackgroundCommitError: the background commit failed; it was rolled back and earlier
+                checkpoints are intact.
+        """
+        return self._background.wait(timeout)
+
+    def _commit(self, op: _Open) -> None:
+        if op.staged:
+            staged, op.staged = op.staged, []
+
+            def write_staged() -> None:
+                op.writer.write_torch_many(staged)
+
+            self._write_all(op, "commit_checkpoint", write_staged)
+        commit_started = time.perf_counter()
 
         def write_score() -> None:
             if self.is_coordinator and "score" in op.scores:
@@ -513,8 +586,11 @@ class FileCheckpointManager:
                 moved = publish(self.checkpoint_dir, op.step_nr, op.token, fsync=self.save_options.fsync)
             except OSError as e:
                 raise self._fail(op, "commit_checkpoint", e) from e
+            timings = SaveTimings(op.stage_seconds, op.writer.write_seconds, op.writer.sync_seconds, commit_started)
             try:
-                info = self.catalog.commit(op.info.id, files.values(), op.scores, op.user_metadata, self._who)
+                info = self.catalog.commit(
+                    op.info.id, files.values(), op.scores, op.user_metadata, self._who, timings=timings
+                )
             except CheckpointError as e:
                 self._undo_publish(op, moved)
                 raise CheckpointError(
@@ -585,14 +661,9 @@ class FileCheckpointManager:
     def _verify_and_mark(self, info: CheckpointInfo, shards: list[ShardInfo], verify: str) -> None:
         # sizes are always checked (a stat per file); digests unless verify="size"
         step_dir = self.checkpoint_dir / info.directory
+        recs = [FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest) for s in shards]
         try:
-            for s in shards:
-                check_file(
-                    step_dir,
-                    FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest),
-                    info.step_nr,
-                    digest=verify == "digest",
-                )
+            check_files(step_dir, recs, info.step_nr, digest=verify == "digest")
         except CheckpointCorruptError as e:
             self._mark_damaged(info, e)
             raise
@@ -624,6 +695,7 @@ class FileCheckpointManager:
             CheckpointCorruptError: a file's size or digest differs from the catalog (the catalog
                 then records the checkpoint as 'corrupt' or 'missing').
         """
+        self.wait()
         step_nr = validation.step_nr(step_nr)
         verify = verify or self.load_options.verify
         info, shards = self._on_coordinator(lambda: self._committed(step_nr), "load_checkpoint")
@@ -745,6 +817,7 @@ class FileCheckpointManager:
         Raises:
             CheckpointNotFoundError: the run has no committed checkpoint.
         """
+        self.wait()
         verify = verify or self.load_options.verify
         below: int | None = None
         while True:
@@ -778,6 +851,7 @@ class FileCheckpointManager:
 
     def load_metadata(self, step_nr: int) -> dict[str, Any] | None:
         """The ``save_metadata`` mapping of a committed checkpoint, or None when it has none."""
+        self.wait()
         step_nr = validation.step_nr(step_nr)
         info, shards = self._on_coordinator(lambda: self._committed(step_nr), "load_metadata")
         s = next((x for x in shards if x.path == layout.metadata_file(*self._sfx)), None)
@@ -796,10 +870,12 @@ class FileCheckpointManager:
 
     def get_step_numbers(self) -> list[int]:
         """Committed steps, ascending (a catalog query; no directory is listed)."""
+        self.wait()
         return self._on_coordinator(lambda: self.catalog.committed_steps(self._run.id), "get_step_numbers")
 
     def get_checkpoints(self) -> list[CheckpointInfo]:
         """Every checkpoint row of this run (all states), with scores."""
+        self.wait()
         return self._on_coordinator(lambda: self.catalog.checkpoints(self._run.id), "get_checkpoints")
 
     # -- deleting -----------------------------------------------------------------------------
@@ -816,6 +892,7 @@ class FileCheckpointManager:
 
         With ``preserve_model=True`` the model files stay (the catalog records ``model_preserved``).
         """
+        self.wait()
         step_nr = validation.step_nr(step_nr)
         self._on_coordinator(lambda: self._delete(step_nr, missing_ok, preserve_model, reason), "delete_checkpoint")
 
@@ -869,6 +946,7 @@ class FileCheckpointManager:
 
     def apply_retention(self, policy: Any, *, preserve_model: bool = False) -> list[int]:
         """Apply a retention policy (see :mod:`ckptdb.retention`); returns the deleted steps."""
+        self.wait()
         from ckptdb import cleanup, retention, verify
 
         def coordinator() -> list[int]:
@@ -905,6 +983,7 @@ class FileCheckpointManager:
 
     def pin(self, step_nr: int, label: str) -> None:
         """Protect ``step_nr`` from retention under ``label`` (moving the label if it exists)."""
+        self.wait()
         step_nr = validation.step_nr(step_nr)
         label = validation.name(label, "pin label")
         self._on_coordinator(lambda: self.catalog.pin(self._run.id, step_nr, label), "pin")
@@ -941,15 +1020,24 @@ class FileCheckpointManager:
         self._on_coordinator(coordinator, "save_model_metadata")
 
     def close(self) -> None:
-        """Abort an open checkpoint (if any)."""
-        if self._open is not None:
-            self._rollback(self._open, "manager closed with the checkpoint open")
+        """Wait for a background commit (raising its error), then abort an open checkpoint (if any)."""
+        try:
+            self.wait()
+        finally:
+            if self._open is not None:
+                self._rollback(self._open, "manager closed with the checkpoint open")
 
     def __enter__(self) -> FileCheckpointManager:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as e:  # don't hide the exception already propagating
+            log.warning("ckptdb: %s", e)
 
     def __repr__(self) -> str:
         return (

@@ -16,10 +16,20 @@ class SaveOptions:
         fsync: fsync every file and directory before the commit (turn off only for throwaway runs).
         hash_algorithm: ``"xxh3_128"`` (fast, catches corruption), ``"sha256"`` or ``"blake3"``
             (cryptographic, tamper evidence). Recorded per file.
+        blocking: ``False`` makes saves asynchronous (single process): ``save_state`` copies the
+            state into host staging buffers (reused from one save to the next; pinned for GPU
+            tensors) and ``commit_checkpoint()`` returns at once while writing, hashing, fsync and
+            the catalog commit go on in a background thread. The next ``begin_checkpoint`` (and
+            every other manager call) waits for it; its error, if any, is raised there and by
+            ``manager.wait()``. Costs one staged copy of the state in memory.
+            ``commit_checkpoint(blocking=...)`` overrides this per call.
+        parallel_files: write a save's files (``model.pt`` and ``rank_0.pt``) in parallel threads.
     """
 
     fsync: bool = True
     hash_algorithm: str = DEFAULT_ALGORITHM
+    blocking: bool = True
+    parallel_files: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -29,7 +39,11 @@ class LoadOptions:
     Attributes:
         verify: ``"digest"`` (sizes and hashes, the default) or ``"size"`` (sizes only, faster).
             File sizes are checked on every load whatever this says.
-        mmap: memory-map files instead of reading them into memory.
+        mmap: memory-map files instead of reading them into memory: the load returns without
+            reading tensor data (pages are read when first touched). With ``verify="digest"``
+            every file is still read once, to hash it, before the load returns; use
+            ``verify="size"`` for a load that returns in milliseconds whatever the size (sizes are
+            checked; a flipped byte inside a file is then not detected by that load).
         fallback: ``load_last_checkpoint()`` skips a corrupt or missing newest checkpoint (with a
             warning, recorded in the catalog) and returns the newest intact one. ``False`` raises.
     """

@@ -158,6 +158,12 @@ class Checkpoint(Base):
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     verify_result: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # What the save cost, in wall-clock seconds (set at commit; revision 0003). NULL on rows
+    # committed before the revision and on imported checkpoints.
+    stage_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    write_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sync_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    commit_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     run: Mapped[Run] = relationship(back_populates="checkpoints")
     shards: Mapped[list[Shard]] = relationship(back_populates="checkpoint", cascade="all, delete-orphan")

@@ -8,11 +8,12 @@ is dead) exactly one wins and the other gets :class:`ConcurrentModificationError
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from ckptdb.catalog import migrate, retention_sql
@@ -28,7 +29,7 @@ from ckptdb.catalog.models import (
     utcnow,
 )
 from ckptdb.catalog.session import CatalogSession, masked
-from ckptdb.catalog.values import CheckpointInfo, RunInfo, ShardInfo, WriterInfo
+from ckptdb.catalog.values import CheckpointInfo, RunInfo, SaveTimings, ShardInfo, WriterInfo
 from ckptdb.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -76,6 +77,10 @@ def _ckpt_info(c: Checkpoint, scores: Mapping[str, float | None] | None = None) 
         torch_version=c.torch_version,
         user_metadata=c.user_metadata,
         scores=dict(scores or {}),
+        stage_seconds=c.stage_seconds,
+        write_seconds=c.write_seconds,
+        sync_seconds=c.sync_seconds,
+        commit_seconds=c.commit_seconds,
     )
 
 
@@ -215,22 +220,23 @@ class Catalog:
     ) -> CheckpointInfo:
         """Insert the pending row (before any file is written)."""
         with self.db.transaction() as s:
-            pending = s.execute(
-                select(Checkpoint).where(
-                    Checkpoint.run_id == run_id,
-                    Checkpoint.step_nr == step_nr,
-                    Checkpoint.state == State.PENDING,
+            rows = (
+                s.execute(
+                    select(Checkpoint).where(
+                        Checkpoint.run_id == run_id,
+                        Checkpoint.step_nr == step_nr,
+                        Checkpoint.state.in_([State.PENDING.value, *_LIVE]),
+                    )
                 )
-            ).scalar_one_or_none()
+                .scalars()
+                .all()
+            )  # one round trip: the pending writer and the live copy of this step, if any
+            pending = next((r for r in rows if State(r.state) == State.PENDING), None)
             if pending is not None:
                 raise InvalidOperationError(
                     f"step {step_nr} is already being written by {pending.writer_host} pid {pending.writer_pid}"
                 )
-            live = s.execute(
-                select(Checkpoint).where(
-                    Checkpoint.run_id == run_id, Checkpoint.step_nr == step_nr, Checkpoint.state.in_(_LIVE)
-                )
-            ).scalar_one_or_none()
+            live = next((r for r in rows if State(r.state).value in _LIVE), None)
             if live is not None and not overwrite:
                 raise CheckpointExistsError(
                     f"step {step_nr} already has a {State(live.state).value} checkpoint; pass "
@@ -275,8 +281,13 @@ class Catalog:
         scores: Mapping[str, float],
         user_metadata: dict[str, Any] | None,
         who: tuple[str, int],
+        timings: SaveTimings | None = None,
     ) -> CheckpointInfo:
-        """pending -> committed with every shard and score, superseding an older copy of the step."""
+        """pending -> committed with every shard and score, superseding an older copy of the step.
+
+        ``timings`` are recorded on the row; ``commit_seconds`` runs from ``timings.commit_started``
+        to the last statement of this transaction (its COMMIT cannot be timed in the row it commits).
+        """
         files = list(files)
         with self.db.transaction() as s:
             c = s.get(Checkpoint, ckpt_id)
@@ -285,13 +296,17 @@ class Catalog:
                     f"checkpoint #{ckpt_id} is no longer pending "
                     f"({State(c.state).value if c else 'gone'}): it was rolled back by another process"
                 )
-            old = s.execute(
-                select(Checkpoint).where(
+            # one query for the other rows of this step that the commit changes: the live copy it
+            # supersedes and model-only leftovers of deleted copies (the common case: none)
+            others = s.execute(
+                select(Checkpoint.id, Checkpoint.state, Checkpoint.model_preserved).where(
                     Checkpoint.run_id == c.run_id,
                     Checkpoint.step_nr == c.step_nr,
-                    Checkpoint.state.in_(_LIVE),
+                    Checkpoint.id != ckpt_id,
+                    or_(Checkpoint.state.in_(_LIVE), Checkpoint.model_preserved.is_(True)),
                 )
-            ).scalar_one_or_none()
+            ).all()
+            old = next((o for o in others if State(o.state).value in _LIVE), None)
             if old is not None:
                 self._move(
                     s,
@@ -301,30 +316,19 @@ class Catalog:
                     reason=f"overwritten by checkpoint #{ckpt_id}",
                     who=who,
                 )
-            # a model-only leftover of a deleted copy is replaced too
-            s.execute(
-                update(Shard)
-                .where(
-                    Shard.checkpoint_id.in_(
-                        select(Checkpoint.id).where(
-                            Checkpoint.run_id == c.run_id,
-                            Checkpoint.step_nr == c.step_nr,
-                            Checkpoint.model_preserved.is_(True),
-                        )
-                    ),
-                    Shard.removed_at.is_(None),
+            preserved = [o.id for o in others if o.model_preserved]
+            if preserved:  # a model-only leftover of a deleted copy is replaced too
+                s.execute(
+                    update(Shard)
+                    .where(Shard.checkpoint_id.in_(preserved), Shard.removed_at.is_(None))
+                    .values(removed_at=utcnow())
                 )
-                .values(removed_at=utcnow())
-            )
-            s.execute(
-                update(Checkpoint)
-                .where(
-                    Checkpoint.run_id == c.run_id,
-                    Checkpoint.step_nr == c.step_nr,
-                    Checkpoint.model_preserved.is_(True),
+                s.execute(
+                    update(Checkpoint)
+                    .where(Checkpoint.id.in_(preserved))
+                    .values(model_preserved=False)
+                    .execution_options(synchronize_session=False)
                 )
-                .values(model_preserved=False)
-            )
             for f in files:
                 s.add(
                     Shard(
@@ -341,6 +345,14 @@ class Catalog:
                 v, raw = _score_columns(value)
                 s.add(Score(checkpoint_id=ckpt_id, metric=metric, value=v, raw_value=raw))
             now = utcnow()
+            cost: dict[str, float] = {}
+            if timings is not None:
+                cost = {
+                    "stage_seconds": timings.stage_seconds,
+                    "write_seconds": timings.write_seconds,
+                    "sync_seconds": timings.sync_seconds,
+                    "commit_seconds": time.perf_counter() - timings.commit_started,
+                }
             self._move(
                 s,
                 ckpt_id,
@@ -348,6 +360,7 @@ class Catalog:
                 State.COMMITTED,
                 reason="commit_checkpoint",
                 who=who,
+                **cost,
                 committed_at=now,
                 total_bytes=sum(f.size_bytes for f in files),
                 file_count=len(files),

@@ -41,6 +41,24 @@ class WriterInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class SaveTimings:
+    """What one save cost, in wall-clock seconds (recorded on the checkpoint row at commit).
+
+    Attributes:
+        stage_seconds: copying the state into staging buffers (asynchronous saves; 0 otherwise).
+        write_seconds: serialising, hashing and writing the files (writeback streams meanwhile).
+        sync_seconds: the final fsyncs of files and directories.
+        commit_started: ``time.perf_counter()`` when the commit phase (score file, rename,
+            catalog transaction) began; the catalog turns it into ``commit_seconds``.
+    """
+
+    stage_seconds: float
+    write_seconds: float
+    sync_seconds: float
+    commit_started: float
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointInfo:
     id: int
     run_id: int
@@ -67,3 +85,7 @@ class CheckpointInfo:
     torch_version: str = ""
     user_metadata: dict[str, Any] | None = None
     scores: dict[str, float | None] = field(default_factory=dict)
+    stage_seconds: float | None = None
+    write_seconds: float | None = None
+    sync_seconds: float | None = None
+    commit_seconds: float | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,34 @@ def check_file(step_dir: Path, rec: FileRecord, step_nr: int, *, digest: bool = 
             raise CheckpointCorruptError(
                 step_nr, str(path), f"{rec.hash_algorithm}:{rec.digest}", f"{rec.hash_algorithm}:{actual}"
             )
+
+
+def check_files(step_dir: Path, recs: Sequence[FileRecord], step_nr: int, *, digest: bool = True) -> None:
+    """:func:`check_file` for several files; digests are computed in parallel threads (one per file).
+
+    Reading two files at once keeps more I/O in flight than one sequential stream, and the hashes
+    release the GIL. Raises the error of the first damaged file in ``recs`` order.
+    """
+    if not digest or len(recs) < 2:
+        for rec in recs:
+            check_file(step_dir, rec, step_nr, digest=digest)
+        return
+    errors: list[BaseException | None] = [None] * len(recs)
+
+    def run(i: int) -> None:
+        try:
+            check_file(step_dir, recs[i], step_nr, digest=True)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in order
+            errors[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"ckptdb-verify-{i}") for i in range(len(recs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for e in errors:
+        if e is not None:
+            raise e
 
 
 def load_torch(path: Path, step_nr: int, *, mmap: bool = True) -> Any:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ckptdb import FileCheckpointManager
+from ckptdb.catalog import migrate
 from ckptdb.cli import build_parser, main
 from tests.helpers import save
 
@@ -44,7 +45,7 @@ def test_db_commands(tmp_path: Path) -> None:
     assert r.returncode == 1 and "(none)" in r.stdout
     r = run_cli("db", "upgrade", "--url", url)
     assert r.returncode == 0, r.stderr
-    assert "(empty) -> 0002" in r.stdout
+    assert f"(empty) -> {migrate.head_revision()}" in r.stdout
     r = run_cli("db", "current", "--url", url, "--json")
     assert json.loads(r.stdout)["up_to_date"] is True
     history = run_cli("db", "history").stdout

@@ -7,6 +7,7 @@ prints KILLME and stalls so the parent can SIGKILL it there.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,8 +21,12 @@ from tests.helpers import make_state
 armed = False
 
 
+_said = threading.Lock()
+
+
 def stall(where: str) -> None:
-    print(f"KILLME {where}", flush=True)
+    if _said.acquire(blocking=False):  # files are written in parallel threads: say it once
+        print(f"KILLME {where}", flush=True)
     time.sleep(120)
     raise SystemExit("not killed")
 

@@ -158,7 +158,7 @@ def test_0002_down_and_up_with_data_keeps_every_row(tmp_path: Path, empty_catalo
     assert _snapshot(url) == before
 
     migrate.upgrade(url)
-    assert migrate.current(url) == "0002"
+    assert migrate.current(url) == migrate.head_revision()
     views, indexes = _schema_objects(url)
     assert views == set(VIEW_NAMES) and "ix_checkpoints_state_committed_at" in indexes
     assert _snapshot(url) == before
@@ -179,7 +179,7 @@ def test_catalog_at_0001_is_refused_until_db_upgrade(
     dispose_engines()
     with pytest.raises(SchemaOutOfDateError, match="ckptdb db upgrade") as err:
         FileCheckpointManager(tmp_path / "c", catalog=url, run="r")
-    assert "0001" in str(err.value) and "0002" in str(err.value)
+    assert "0001" in str(err.value) and migrate.head_revision() in str(err.value)
     assert migrate.current(url) == "0001"  # refused, not silently upgraded
 
     assert cli_main(["db", "current", "--url", url]) == 1
@@ -188,7 +188,7 @@ def test_catalog_at_0001_is_refused_until_db_upgrade(
         [sys.executable, "-m", "ckptdb.cli", "db", "upgrade", "--url", url], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
-    assert "0001 -> 0002" in r.stdout
+    assert f"0001 -> {migrate.head_revision()}" in r.stdout
     assert cli_main(["db", "current", "--url", url, "--json"]) == 0
     assert '"up_to_date": true' in capsys.readouterr().out
     m = FileCheckpointManager(tmp_path / "c", catalog=url, run="r")
@@ -196,5 +196,5 @@ def test_catalog_at_0001_is_refused_until_db_upgrade(
     assert step == 3 and torch.equal(state["model"]["w"], torch.ones(2) * 3)
     dispose_engines()
     assert cli_main(["db", "downgrade", "--url", url, "0001"]) == 0
-    assert "0002 -> 0001" in capsys.readouterr().out
+    assert f"{migrate.head_revision()} -> 0001" in capsys.readouterr().out
     assert migrate.current(url) == "0001"

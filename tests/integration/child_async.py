@@ -1,0 +1,55 @@
+"""A writer process for the asynchronous-save kill test: commits step 1 in the background, waits,
+then starts step 2 in the background; its background thread prints KILLME mid-write and stalls
+while the main thread goes on "training", so the parent can SIGKILL it there.
+
+    python tests/integration/child_async.py DIR URL
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from ckptdb import FileCheckpointManager, SaveOptions
+from ckptdb.storage import writer
+from tests.helpers import make_state
+
+armed = False
+said = threading.Lock()
+
+
+def main() -> None:
+    global armed
+    directory, url = Path(sys.argv[1]), sys.argv[2]
+    orig_write = writer._HashingFile.write
+
+    def write(self: writer._HashingFile, data: bytes) -> int:  # type: ignore[override]
+        n = orig_write(self, data)
+        if armed and self.size > 512 and threading.current_thread() is not threading.main_thread():
+            if said.acquire(blocking=False):  # files are written in parallel threads: say it once
+                print("KILLME background-write", flush=True)
+            time.sleep(120)
+        return n
+
+    writer._HashingFile.write = write  # type: ignore[method-assign]
+    m = FileCheckpointManager(directory, catalog=url, save_options=SaveOptions(blocking=False))
+    m.begin_checkpoint(1)
+    m.save_state(make_state(1, size=64))
+    m.commit_checkpoint()
+    m.wait()
+    print("committed 1", flush=True)
+    armed = True
+    m.begin_checkpoint(2)
+    m.save_state(make_state(2, size=64))
+    m.commit_checkpoint()
+    print("training goes on", flush=True)
+    time.sleep(120)
+    raise SystemExit("not killed")
+
+
+if __name__ == "__main__":
+    main()
