@@ -147,8 +147,16 @@ class _HashingFile:
         self._kicked = 0  # bytes handed to writeback
         self._waited = 0  # bytes known to be on the device
         self.size = 0
+        self.error: OSError | None = None  # torch's C++ writer may replace it with its own message
 
     def write(self, data: bytes | memoryview) -> int:
+        try:
+            return self._write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def _write(self, data: bytes | memoryview) -> int:
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
@@ -245,8 +253,13 @@ class StepWriter:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             hf = _HashingFile(fd, hasher, stream=self.fsync)
-            with _no_torch_crc32():
-                torch.save(f.obj, hf)  # type: ignore[arg-type]
+            try:
+                with _no_torch_crc32():
+                    torch.save(f.obj, hf)  # type: ignore[arg-type]
+            except Exception as e:
+                if hf.error is not None:  # the real cause (ENOSPC, EIO), not torch's rewording of it
+                    raise hf.error from e
+                raise
             written = time.perf_counter()
             if self.fsync:
                 os.fsync(fd)
