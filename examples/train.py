@@ -34,14 +34,21 @@ def make_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 
 def train(checkpoint_dir: Path, steps: int, every: int) -> None:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # big enough (~13 MB of model + optimizer state) that a save takes a visible moment to write and fsync
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 1),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y, vx, vy = make_data()
     manager = FileCheckpointManager(
         checkpoint_dir,
         retention=AnyOf(KeepLast(2), KeepBest(3, metric="valid_loss", lower_better=True)),
     )
-    manager.save_model_metadata(family="mlp", config={"in": 16, "hidden": 64, "out": 1})
+    manager.save_model_metadata(family="mlp", config={"in": 16, "hidden": 1024, "out": 1})
 
     start = 0
     try:
@@ -84,7 +91,7 @@ def demo(out: Path) -> int:
         shutil.rmtree(out)
     ckpt = out / "checkpoints"
     me = [sys.executable, __file__, "--worker", str(ckpt), "--steps", "400", "--every", "25"]
-    print(f"== 1. train in a subprocess; SIGKILL it right after it starts saving its 6th checkpoint ({ckpt})")
+    print(f"== 1. train in a subprocess; SIGKILL it while it saves its 6th checkpoint ({ckpt})")
     child = subprocess.Popen(me, stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
     saves = 0
@@ -93,17 +100,23 @@ def demo(out: Path) -> int:
         if "saving" in line:
             saves += 1
             if saves == 6:
-                time.sleep(0.02)
+                time.sleep(0.01)  # it is now inside begin_checkpoint / save_state / commit_checkpoint
                 child.send_signal(signal.SIGKILL)
                 break
     child.wait()
     print(f"   trainer exit status {child.returncode} (killed: {child.returncode == -signal.SIGKILL})")
     print("   left on disk:", sorted(p.name for p in ckpt.iterdir()))
+    pending = [p.name for p in ckpt.iterdir() if ".tmp-" in p.name]
+    if pending:
+        print(f"   the kill landed mid-save: {pending[0]} is a dead writer's half-written checkpoint")
     print("== 2. run the same script again: it resumes from the newest committed checkpoint")
     rc = subprocess.call(me)
     if rc != 0:
         return rc
-    print("   on disk now:", sorted(p.name for p in ckpt.iterdir()))
+    print(
+        "   on disk now (the half-written directory is gone, its row is 'aborted'):",
+        sorted(p.name for p in ckpt.iterdir()),
+    )
     print("== 3. the catalog: `ckptdb ls --dir ...`")
     cli = [sys.executable, "-m", "ckptdb.cli"]
     subprocess.check_call([*cli, "ls", "--dir", str(ckpt)])
