@@ -20,6 +20,14 @@ from tests.helpers import make_state
 
 armed = False
 said = threading.Lock()
+_out = threading.Lock()
+
+
+def say(msg: str) -> None:
+    """One whole line at a time: two threads print here (print() writes text and newline separately)."""
+    with _out:
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
 
 
 def main() -> None:
@@ -31,7 +39,7 @@ def main() -> None:
         n = orig_write(self, data)
         if armed and self.size > 512 and threading.current_thread() is not threading.main_thread():
             if said.acquire(blocking=False):  # files are written in parallel threads: say it once
-                print("KILLME background-write", flush=True)
+                say("KILLME background-write")
             time.sleep(120)
         return n
 
@@ -41,12 +49,12 @@ def main() -> None:
     m.save_state(make_state(1, size=64))
     m.commit_checkpoint()
     m.wait()
-    print("committed 1", flush=True)
+    say("committed 1")
     armed = True
     m.begin_checkpoint(2)
     m.save_state(make_state(2, size=64))
     m.commit_checkpoint()
-    print("training goes on", flush=True)
+    say("training goes on")
     time.sleep(120)
     raise SystemExit("not killed")
 

@@ -32,7 +32,7 @@ def test_sigkill_during_background_write(tmp_path: Path, catalog_url: str) -> No
         proc.wait(timeout=60)
         err = proc.stderr.read()
     assert proc.returncode == -signal.SIGKILL, (lines, err)
-    assert "committed 1" in lines and lines[-1] == "KILLME background-write"
+    assert "committed 1" in lines and "KILLME background-write" in lines
     assert any(p.name.startswith("step_2.tmp-") for p in directory.iterdir())  # killed mid-write
 
     m = FileCheckpointManager(directory, catalog=catalog_url)
