@@ -38,9 +38,7 @@ from ckptdb import _proc
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, ShardInfo
 from ckptdb.catalog.models import State
 from ckptdb.storage import layout
-from ckptdb.storage.hashing import new_hasher
-
-_CHUNK = 8 << 20
+from ckptdb.storage.hashing import hash_file
 
 OK = "ok"
 EXTRA = "extra"
@@ -158,20 +156,7 @@ class Progress:
 
 def hash_with_progress(path: Path, algorithm: str, progress: ProgressFn | None = None) -> tuple[int, str]:
     """Read ``path`` once: (size in bytes, hex digest), reporting bytes read to ``progress``."""
-    h = new_hasher(algorithm)
-    size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-            size += n
-            if progress is not None:
-                progress(n)
-    return size, h.hexdigest()
+    return hash_file(path, algorithm, progress)
 
 
 def check_files(

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sqlalchemy import create_engine, text
 
 from ckptdb import FileCheckpointManager
 
@@ -90,3 +91,13 @@ def insert_rows(
             for label in labels:
                 s.add(Pin(run_id=run.id, step_nr=step, label=label))
     return int(run.id)
+
+
+def sql(url: str, q: str, **params: object) -> list[tuple]:
+    """Run one query on a catalog through a short-lived engine of the test's own (as a user's SQL would)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as c:
+            return [tuple(r) for r in c.execute(text(q), params)]
+    finally:
+        engine.dispose()

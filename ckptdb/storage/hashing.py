@@ -8,6 +8,7 @@ with, so old rows keep verifying after the default changes.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -54,8 +55,8 @@ def new_hasher(algorithm: str) -> Hasher:
     raise ValueError(f"unknown hash algorithm {algorithm!r}; choose one of {', '.join(available_algorithms())}")
 
 
-def hash_file(path: Path, algorithm: str) -> tuple[int, str]:
-    """Read ``path`` once and return (size in bytes, hex digest)."""
+def hash_file(path: Path, algorithm: str, progress: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """Read ``path`` once and return (size in bytes, hex digest); ``progress`` gets each chunk's size."""
     h = new_hasher(algorithm)
     size = 0
     buf = bytearray(_CHUNK)
@@ -67,4 +68,6 @@ def hash_file(path: Path, algorithm: str) -> tuple[int, str]:
                 break
             h.update(view[:n])
             size += n
+            if progress is not None:
+                progress(n)
     return size, h.hexdigest()

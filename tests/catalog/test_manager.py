@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import create_engine, text
 
 from ckptdb import (
     CheckpointExistsError,
@@ -16,21 +15,12 @@ from ckptdb import (
     InvalidArgumentError,
     InvalidOperationError,
 )
-from tests.helpers import assert_state_equal, make_state, save, work_dirs
+from tests.helpers import assert_state_equal, make_state, save, sql, work_dirs
 
 
 @pytest.fixture
 def mgr(tmp_path: Path, catalog_url: str) -> FileCheckpointManager:
     return FileCheckpointManager(tmp_path / "ckpt", catalog=catalog_url)
-
-
-def sql(url: str, q: str, **params: object) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as c:
-            return [tuple(r) for r in c.execute(text(q), params)]
-    finally:
-        engine.dispose()
 
 
 def test_round_trip_as_fairseq2_docs_show(tmp_path: Path, catalog_url: str) -> None:

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, text
 
 from ckptdb import AnyOf, FileCheckpointManager, KeepBest, KeepEvery, KeepLast
 from ckptdb.catalog import Catalog
 from ckptdb.cli import main
 from ckptdb.retention import Candidate, KeepPinned, Policy, decide, plan
-from tests.helpers import insert_rows, save
+from tests.helpers import insert_rows, save, sql
 
 STATES = ["committed", "committed", "committed", "pending", "deleted", "corrupt", "missing", "aborted"]
 SCORES = st.one_of(
@@ -40,15 +39,6 @@ def runs(draw: st.DrawFn) -> tuple[list[tuple[int, str, dict[str, float | None]]
     pinned = draw(st.lists(st.sampled_from(steps), unique=True, max_size=3)) if steps else []
     pins = {s: [f"p{s}"] + (["x"] if i == 0 else []) for i, s in enumerate(pinned)}
     return rows, pins
-
-
-def sql(url: str, q: str, **params: object) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as c:
-            return [tuple(r) for r in c.execute(text(q), params)]
-    finally:
-        engine.dispose()
 
 
 @settings(

@@ -9,26 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from ckptdb.catalog import Catalog
 from ckptdb.catalog.session import dispose_engines
 from ckptdb.cleanup import gc, prune
 from ckptdb.retention import Candidate, decide
+from tests.helpers import sql as rows
 from tests.helpers import work_dirs
 from tests.integration.child_cleanup import PENDING_STEP, PIN_STEP, POLICY, loss
 
 CHILD = str(Path(__file__).with_name("child_cleanup.py"))
 STEPS = 12
-
-
-def rows(url: str, q: str) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as c:
-            return [tuple(r) for r in c.execute(text(q))]
-    finally:
-        engine.dispose()
 
 
 @pytest.mark.timeout(240)

@@ -32,18 +32,9 @@ from ckptdb.catalog import Catalog
 from ckptdb.catalog.session import masked
 from ckptdb.storage.hashing import hash_file
 from ckptdb.verify import verify
-from tests.helpers import assert_state_equal, make_state, save, work_dirs
+from tests.helpers import assert_state_equal, make_state, save, sql, work_dirs
 
 PASSWORD = "s3cr3t-pw-XYZ"
-
-
-def sql(url: str, q: str) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as c:
-            return [tuple(r) for r in c.execute(text(q))]
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from ckptdb import (
     CheckpointCorruptError,
@@ -22,16 +21,7 @@ from ckptdb.catalog import Catalog
 from ckptdb.cli import main
 from ckptdb.storage.hashing import hash_file
 from ckptdb.verify import Progress, verify
-from tests.helpers import assert_state_equal, make_state, save
-
-
-def sql(url: str, q: str) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as c:
-            return [tuple(r) for r in c.execute(text(q))]
-    finally:
-        engine.dispose()
+from tests.helpers import assert_state_equal, make_state, save, sql
 
 
 def flip_byte(path: Path, offset: int = -100) -> None:
