@@ -101,3 +101,22 @@ def sql(url: str, q: str, **params: object) -> list[tuple]:
             return [tuple(r) for r in c.execute(text(q), params)]
     finally:
         engine.dispose()
+
+
+def run_until_killme(argv: list[str]) -> list[str]:
+    """Start a child process, SIGKILL it when it prints a line starting with KILLME; its stdout lines."""
+    import signal
+    import subprocess
+
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if line.startswith("KILLME"):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+        err = proc.stderr.read()
+    assert proc.returncode == -signal.SIGKILL, (lines, err)
+    return lines

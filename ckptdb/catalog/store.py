@@ -46,6 +46,19 @@ def _score_columns(value: float) -> tuple[float | None, str]:
     return (float(value) if math.isfinite(value) else None), raw
 
 
+def _writer_columns(writer: WriterInfo) -> dict[str, Any]:
+    """The ``checkpoints`` columns that record who wrote a checkpoint (reproducibility, liveness)."""
+    return {
+        "writer_host": writer.host,
+        "writer_pid": writer.pid,
+        "writer_start_time": writer.start_time,
+        "ckptdb_version": writer.ckptdb_version,
+        "torch_version": writer.torch_version,
+        "python_version": writer.python_version,
+        "world_size": writer.world_size,
+    }
+
+
 def _run_info(r: Run) -> RunInfo:
     return RunInfo(r.id, r.name, r.checkpoint_dir, r.created_at, r.model_metadata)
 
@@ -251,13 +264,7 @@ class Catalog:
                 state=State.PENDING,
                 token=token,
                 directory=directory,
-                writer_host=writer.host,
-                writer_pid=writer.pid,
-                writer_start_time=writer.start_time,
-                ckptdb_version=writer.ckptdb_version,
-                torch_version=writer.torch_version,
-                python_version=writer.python_version,
-                world_size=writer.world_size,
+                **_writer_columns(writer),
                 hash_algorithm=hash_algorithm,
                 model_preserved=False,
             )
@@ -761,13 +768,7 @@ class Catalog:
                 committed_at=at,
                 state_changed_at=now,
                 heartbeat_at=now,
-                writer_host=writer.host,
-                writer_pid=writer.pid,
-                writer_start_time=writer.start_time,
-                ckptdb_version=writer.ckptdb_version,
-                torch_version=writer.torch_version,
-                python_version=writer.python_version,
-                world_size=writer.world_size,
+                **_writer_columns(writer),
                 hash_algorithm=hash_algorithm,
                 model_preserved=False,
                 total_bytes=sum(f.size_bytes for f in files),

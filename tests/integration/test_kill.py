@@ -3,15 +3,13 @@ reopen; only committed steps are visible, every one of them intact, and no debri
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from ckptdb import FileCheckpointManager
-from tests.helpers import assert_state_equal, make_state, work_dirs
+from tests.helpers import assert_state_equal, make_state, run_until_killme, work_dirs
 
 CHILD = Path(__file__).with_name("child_writer.py")
 
@@ -28,23 +26,7 @@ CASES = {
 
 
 def run_and_kill(directory: Path, url: str, point: str, n: int) -> list[str]:
-    with subprocess.Popen(
-        [sys.executable, str(CHILD), str(directory), url, point, str(n)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line.strip())
-            if line.startswith("KILLME"):
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=60)
-        err = proc.stderr.read()
-    assert proc.returncode == -signal.SIGKILL, (lines, err)
-    return lines
+    return run_until_killme([sys.executable, str(CHILD), str(directory), url, point, str(n)])
 
 
 @pytest.mark.parametrize("point", sorted(CASES))

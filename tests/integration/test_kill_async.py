@@ -3,35 +3,18 @@ back, the previous step loads, no debris is left."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 from ckptdb import FileCheckpointManager
-from tests.helpers import assert_state_equal, make_state, work_dirs
+from tests.helpers import assert_state_equal, make_state, run_until_killme, work_dirs
 
 CHILD = Path(__file__).with_name("child_async.py")
 
 
 def test_sigkill_during_background_write(tmp_path: Path, catalog_url: str) -> None:
     directory = tmp_path / "ckpt"
-    with subprocess.Popen(
-        [sys.executable, str(CHILD), str(directory), catalog_url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line.strip())
-            if line.startswith("KILLME"):
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=60)
-        err = proc.stderr.read()
-    assert proc.returncode == -signal.SIGKILL, (lines, err)
+    lines = run_until_killme([sys.executable, str(CHILD), str(directory), catalog_url])
     assert "committed 1" in lines and "KILLME background-write" in lines
     assert any(p.name.startswith("step_2.tmp-") for p in directory.iterdir())  # killed mid-write
 
