@@ -147,6 +147,9 @@ class Checkpoint(Base):
     writer_host: Mapped[str] = mapped_column(String(255))
     writer_pid: Mapped[int] = mapped_column(Integer)
     writer_start_time: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The kernel boot and pid namespace the writer's pid belongs to (revision 0004; NULL before).
+    writer_boot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    writer_pid_ns: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     ckptdb_version: Mapped[str] = mapped_column(String(64))
     torch_version: Mapped[str] = mapped_column(String(64))
