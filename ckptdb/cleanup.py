@@ -7,8 +7,12 @@ inside the claim:
    (<the policy's decision query>) AND state = 'committed'`` under the run's write lock (SQLite:
    ``BEGIN IMMEDIATE``; PostgreSQL: ``SELECT ... FOR NO KEY UPDATE`` on the run row, which ``pin``
    takes too), recording ``delete_reason`` and one ``checkpoint_events`` row per checkpoint;
-2. the files are removed (``preserve_model=True`` keeps ``model*.pt``);
+2. the files are removed (``preserve_model=True`` keeps ``model*.pt`` and ``score.txt``);
 3. each row moves ``deleting -> deleted`` (a conditional update: exactly one finisher wins).
+
+Model-only leftovers of earlier ``preserve_model=True`` deletions are candidates too (fairseq2
+counts their directories as steps): one the policy drops moves ``deleted -> deleting`` in the
+same claim (unless this deletion preserves models as well) and its model files go by 2 and 3.
 
 A process that dies between 1 and 3 leaves ``deleting`` rows; ``gc`` (or the next manager open)
 finishes them. Two prunes never delete the same checkpoint: the second one's decision no longer
@@ -47,6 +51,12 @@ class PruneReport:
     deleted: list[int] = field(default_factory=list)  # steps this prune deleted
     failed: dict[int, str] = field(default_factory=dict)  # step -> error (left 'deleting' for gc)
     dry_run: bool = False
+    preserve_model: bool = False
+
+    @property
+    def to_delete(self) -> list[int]:
+        """The steps whose files the plan removes (with preserve_model, model-only ones stay as they are)."""
+        return self.plan.deletes(preserve_model=self.preserve_model)
 
     @property
     def ok(self) -> bool:
@@ -65,7 +75,8 @@ def apply_policy(
     progress: Progress | None = None,
     failed: dict[int, str] | None = None,
 ) -> list[int]:
-    """Delete what ``policy`` does not keep; returns the deleted steps (ascending).
+    """Delete what ``policy`` does not keep; returns the steps whose files were removed (ascending),
+    model-only leftovers whose model files went included.
 
     Checkpoints whose files could not be removed stay ``deleting`` (``gc`` finishes them) and
     are reported in ``failed`` when given.
@@ -99,8 +110,14 @@ def prune(
 ) -> PruneReport:
     """Decide with ``policy`` (one query) and, unless ``dry_run``, delete what it does not keep."""
     run = catalog.get_run(run_name)
-    rep = PruneReport(run.name, str(policy), catalog.retention_plan(run.id, policy.components()), dry_run=dry_run)
-    if dry_run or not rep.plan.delete:
+    rep = PruneReport(
+        run.name,
+        str(policy),
+        catalog.retention_plan(run.id, policy.components()),
+        dry_run=dry_run,
+        preserve_model=preserve_model,
+    )
+    if dry_run or not rep.to_delete:
         return rep
     rep.deleted = apply_policy(
         catalog,

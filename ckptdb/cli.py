@@ -575,19 +575,31 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 "policy": rep.policy,
                 "dry_run": rep.dry_run,
                 "keep": [{"step": s, "reasons": list(rep.plan.reasons[s])} for s in rep.plan.keep],
-                "delete": rep.plan.delete,
+                "delete": rep.to_delete,
+                "model_only": rep.plan.model_only,
                 "deleted": rep.deleted,
                 "failed": rep.failed,
             }
         )
         return 0 if rep.ok else 1
-    rows = [(s, "keep", rep.plan.reason(s)) for s in rep.plan.keep] + [(s, "delete", reason) for s in rep.plan.delete]
+    model_only = set(rep.plan.model_only)
+    to_delete = set(rep.to_delete)
+
+    def action(step: int) -> str:
+        if step in model_only:  # what is left of an earlier preserve_model deletion
+            return "delete model" if step in to_delete else "keep model"
+        if step not in to_delete:
+            return "keep"
+        return "delete, keep model" if rep.preserve_model else "delete"
+
+    rows = [(s, action(s), rep.plan.reason(s)) for s in rep.plan.keep]
+    rows += [(s, action(s), reason if s in to_delete else "model only already") for s in rep.plan.delete]
     print(f"run {rep.run}: policy {rep.policy}" + ("  (dry run: nothing is deleted)" if rep.dry_run else ""))
     print(table(sorted(rows), ["step", "action", "reason"]))
     if rep.dry_run:
-        print(f"would keep {len(rep.plan.keep)}, delete {len(rep.plan.delete)}")
+        print(f"would keep {len(rep.plan.keep)}, delete {len(to_delete)}")
         return 0
-    gone = sorted(set(rep.plan.delete) - set(rep.deleted) - set(rep.failed))
+    gone = sorted(to_delete - set(rep.deleted) - set(rep.failed))
     print(
         f"kept {len(rep.plan.keep)}, deleted {len(rep.deleted)}"
         + (f", {len(gone)} already deleted by another process" if gone else "")

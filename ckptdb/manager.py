@@ -890,7 +890,9 @@ class FileCheckpointManager:
     ) -> None:
         """Delete a checkpoint in two phases: mark 'deleting', remove files, mark 'deleted'.
 
-        With ``preserve_model=True`` the model files stay (the catalog records ``model_preserved``).
+        With ``preserve_model=True`` the model files (and ``score.txt``) stay (the catalog records
+        ``model_preserved``). A step that only has such a preserved model left is a step
+        directory as in fairseq2: deleting it without ``preserve_model`` removes the model files.
         """
         self.wait()
         step_nr = validation.step_nr(step_nr)
@@ -898,14 +900,22 @@ class FileCheckpointManager:
 
     def _delete(self, step_nr: int, missing_ok: bool, preserve_model: bool, reason: str) -> None:
         live = self.catalog.live(self._run.id, step_nr)
-        if live is None or live.state == State.DELETING.value:
+        leftover = self.catalog.preserved_model(self._run.id, step_nr) if live is None else None
+        if leftover is not None and preserve_model:
+            return  # only its model is left already
+        if (live is None and leftover is None) or (live is not None and live.state == State.DELETING.value):
             if missing_ok:
                 return
             raise CheckpointNotFoundError(f"step {step_nr} has no committed checkpoint to delete", step_nr=step_nr)
         if not os.access(self.checkpoint_dir, os.W_OK):
             raise CheckpointError(f"step {step_nr}: {str(self.checkpoint_dir)!r} is read-only; nothing was deleted")
-        self.catalog.mark_deleting(live.id, reason, self._who, preserve_model=preserve_model)
-        info = dataclasses.replace(live, model_preserved=preserve_model)
+        if leftover is not None:  # a preserved model's leftover: its model files go the same two-phase way
+            self.catalog.claim_model_only(leftover.id, reason, self._who)
+            info = dataclasses.replace(leftover, model_preserved=False, state=State.DELETING.value)
+        else:
+            assert live is not None
+            self.catalog.mark_deleting(live.id, reason, self._who, preserve_model=preserve_model)
+            info = dataclasses.replace(live, model_preserved=preserve_model)
         try:
             finish_delete(self.catalog, info, self.checkpoint_dir, self._who, fsync=self.save_options.fsync)
         except OSError as e:
@@ -915,9 +925,14 @@ class FileCheckpointManager:
             ) from e
 
     def keep_last_n_checkpoints(self, n: int, *, preserve_model: bool = False) -> list[int]:
-        """Delete all but the newest ``n`` committed checkpoints (pinned ones are never deleted).
+        """Delete all but the newest ``n`` checkpoints (pinned ones are never deleted).
 
-        Returns the deleted steps.
+        As in fairseq2, a model-only step left by an earlier ``preserve_model=True`` deletion
+        still counts as a step: when it is not among the newest ``n`` its model files are
+        removed too (unless ``preserve_model``). The trainer pattern
+        ``keep_last_n_checkpoints(n_models)`` then ``keep_last_n_checkpoints(n_ckpts,
+        preserve_model=True)`` leaves exactly what fairseq2 leaves. Returns the steps whose files
+        were removed.
         """
         from ckptdb import retention
 
@@ -931,11 +946,13 @@ class FileCheckpointManager:
         metric: str = "score",
         preserve_model: bool = False,
     ) -> list[int]:
-        """Delete all but the ``n`` best-scored committed checkpoints by ``metric``.
+        """Delete all but the ``n`` best-scored checkpoints by ``metric``.
 
         The newest committed checkpoint (the resume point) and pinned ones are always kept.
         Unscored, NaN- and inf-scored checkpoints are never "best". Ties: the later step wins.
-        Returns the deleted steps.
+        Model-only steps (earlier ``preserve_model=True`` deletions) rank by their score like the
+        others, as in fairseq2, and lose their model files when they drop out (unless
+        ``preserve_model``). Returns the steps whose files were removed.
         """
         from ckptdb import retention
 

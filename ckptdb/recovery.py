@@ -304,7 +304,7 @@ def finish_delete(
     if step_dir.exists() and owner not in (None, c.token):
         step_dir = None  # type: ignore[assignment]  # someone else's copy now lives there: not ours
     if c.model_preserved and step_dir is not None and step_dir.is_dir():
-        kept = [s.path for s in catalog.shards(c.id) if layout.is_model_file(s.path)]
+        kept = [s.path for s in catalog.shards(c.id) if layout.kept_with_model(s.path)]
     try:
         _remove_files(c, step_dir, kept, fsync=fsync)
     except FileNotFoundError:

@@ -12,8 +12,11 @@ A property test checks that both agree on random inputs, on SQLite and PostgreSQ
 
 Rules shared by every policy (docs/retention.md):
 
-- only ``committed`` checkpoints are candidates, and only they count toward "kept" (pending,
-  corrupt, missing, deleting and deleted ones never do);
+- the candidates are the ``committed`` checkpoints and the *model-only* leftovers of
+  ``preserve_model=True`` deletions (``deleted`` rows with ``model_preserved``): as in fairseq2,
+  where such a step directory is still a step, they rank and count toward "kept" like any other;
+  a model-only step that a later decision drops loses its model files too (unless that deletion
+  also preserves models). Pending, corrupt, missing, deleting and fully deleted ones never count;
 - the newest committed checkpoint is always kept (the resume point);
 - pinned checkpoints are always kept;
 - best-N ranks finite scores only (unscored, NaN and +/-inf never rank as best); among equal
@@ -40,10 +43,11 @@ NEWEST = "newest"
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """What a policy sees of one committed checkpoint."""
+    """What a policy sees of one checkpoint: committed, or (``model_only``) a preserved model's leftover."""
 
     step_nr: int
     scores: Mapping[str, float | None] = field(default_factory=dict)
+    model_only: bool = False
 
 
 @runtime_checkable
@@ -175,14 +179,27 @@ class AnyOf:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """A retention decision: the steps kept (each with its reasons) and the steps to delete."""
+    """A retention decision: the steps kept (each with its reasons) and the steps to delete.
+
+    ``model_only`` lists the steps (kept or not) that are model-only leftovers of an earlier
+    ``preserve_model=True`` deletion: deleting one removes its remaining model files.
+    """
 
     keep: list[int]
     delete: list[int]
     reasons: dict[int, tuple[str, ...]] = field(default_factory=dict)  # kept step -> why
+    model_only: list[int] = field(default_factory=list)
 
     def reason(self, step_nr: int) -> str:
         return ", ".join(self.reasons.get(step_nr, ())) or "-"
+
+    def deletes(self, *, preserve_model: bool = False) -> list[int]:
+        """The steps whose files carrying out the plan removes: with ``preserve_model``, the dropped
+        committed ones (their non-model files); otherwise every dropped step, model-only ones included."""
+        if not preserve_model:
+            return list(self.delete)
+        model_only = set(self.model_only)
+        return [s for s in self.delete if s not in model_only]
 
 
 def pin_reason(labels: Sequence[str]) -> str:
@@ -198,16 +215,17 @@ def decide(
 
     Args:
         policy: a policy (``KeepLast(2)``, ``AnyOf(...)``, ...).
-        candidates: the run's committed checkpoints (nothing else counts).
+        candidates: the run's committed checkpoints and model-only leftovers (nothing else counts).
         pinned: pinned steps, optionally with their labels (``{step: [label, ...]}``).
     """
     steps = sorted(c.step_nr for c in candidates)
+    full = [c.step_nr for c in candidates if not c.model_only]
     labels: dict[int, list[str]] = (
         {s: list(v) for s, v in pinned.items()} if isinstance(pinned, Mapping) else {s: [] for s in pinned}
     )
     reasons: dict[int, list[str]] = {}
-    if steps:
-        reasons.setdefault(steps[-1], []).append(NEWEST)
+    if full:  # the resume point: the newest *committed* checkpoint
+        reasons.setdefault(max(full), []).append(NEWEST)
     for s in steps:
         if s in labels:
             reasons.setdefault(s, []).append(pin_reason(labels[s]))
@@ -215,7 +233,8 @@ def decide(
         for s in sorted(comp.keep(candidates)):
             reasons.setdefault(s, []).append(str(comp))
     kept = sorted(reasons)
-    return Plan(kept, [s for s in steps if s not in reasons], {s: tuple(r) for s, r in reasons.items()})
+    model_only = sorted(c.step_nr for c in candidates if c.model_only)
+    return Plan(kept, [s for s in steps if s not in reasons], {s: tuple(r) for s, r in reasons.items()}, model_only)
 
 
 def plan(catalog: Catalog, run_id: int, policy: Policy) -> Plan:

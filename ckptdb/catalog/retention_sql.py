@@ -4,19 +4,27 @@ The shape, for ``AnyOf(KeepLast(2), KeepBest(3, "valid_loss", lower_better=True)
 (the steps to delete; the plan with reasons selects the same conditions as columns)::
 
     SELECT c.id, c.step_nr FROM checkpoints c
-    WHERE c.run_id = :run AND c.state = 'committed' AND NOT (
+    WHERE c.run_id = :run AND <candidate c> AND NOT (
           c.step_nr = (SELECT max(step_nr) FROM checkpoints                      -- newest
                        WHERE run_id = :run AND state = 'committed')
        OR c.step_nr IN (SELECT step_nr FROM pins WHERE run_id = :run)              -- pinned
-       OR c.step_nr IN (SELECT step_nr FROM checkpoints                          -- keep_last(2)
-                        WHERE run_id = :run AND state = 'committed'
+       OR c.step_nr IN (SELECT step_nr FROM checkpoints k                        -- keep_last(2)
+                        WHERE k.run_id = :run AND <candidate k>
                         ORDER BY step_nr DESC LIMIT 2)
        OR c.id IN (SELECT k.id FROM checkpoints k                                -- keep_best(3, ...)
-                   WHERE k.run_id = :run AND k.state = 'committed' AND <v> IS NOT NULL
+                   WHERE k.run_id = :run AND <candidate k> AND <v> IS NOT NULL
                    ORDER BY <v> ASC, k.step_nr DESC LIMIT 3)
                    -- <v>: (SELECT value FROM scores WHERE checkpoint_id = k.id AND metric = 'valid_loss')
        OR c.step_nr % 1000 = 0)                                                  -- keep_every(1000)
     ORDER BY c.step_nr
+    -- <candidate x>: x.state IN ('committed', 'deleted') AND (x.state = 'committed' OR x.model_preserved)
+
+A candidate is a committed checkpoint or the model-only leftover of a ``preserve_model=True``
+deletion (a ``deleted`` row with ``model_preserved``): fairseq2 counts such a step directory as a
+step, so "keep the last n" and "keep the best n" rank it like the others, and when it falls out
+its model files go too (:meth:`ckptdb.catalog.Catalog.claim_for_deletion`). Reading
+``model_preserved`` costs one row lookup per deleted row of the run (the index has no such
+column; a partial index would need a migration), about a millisecond per few thousand rows.
 
 Each component is a ``LIMIT n`` subquery, evaluated once: the same answer as a
 ``ROW_NUMBER() OVER (ORDER BY ...) <= n`` window per component, but the database stops after n
@@ -32,7 +40,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, false, func, not_, or_, select
+from sqlalchemy import ColumnElement, Select, and_, false, func, not_, or_, select
 
 from ckptdb.catalog.models import Checkpoint, Pin, Score, State
 
@@ -59,21 +67,34 @@ def component_specs(components: Sequence[Any]) -> list[tuple[Any, ...]]:
     return out
 
 
+def candidate(t: Any) -> ColumnElement[bool]:
+    """``t``'s row is a retention candidate: committed, or the model-only leftover of a preserve_model deletion."""
+    return and_(
+        t.c.state.in_([State.COMMITTED.value, State.DELETED.value]),
+        or_(t.c.state == State.COMMITTED.value, t.c.model_preserved.is_(True)),
+    )
+
+
 def _committed(run_id: int) -> Any:
     c = Checkpoint.__table__.alias("k")
     return c, (c.c.run_id == run_id, c.c.state == State.COMMITTED.value)
 
 
-def decision_query(run_id: int, components: Sequence[Any], *, only_delete: bool) -> tuple[Select[Any], list[str]]:
-    """The decision as one SELECT over the run's committed checkpoints.
+def _candidates(run_id: int) -> Any:
+    c = Checkpoint.__table__.alias("k")
+    return c, (c.c.run_id == run_id, candidate(c))
 
-    ``only_delete=False``: ``(id, step_nr, newest, pins, k0..kn)`` for every committed checkpoint
-    (the plan with a reason per step). ``only_delete=True``: ``(id, step_nr)`` of the checkpoints
+
+def decision_query(run_id: int, components: Sequence[Any], *, only_delete: bool) -> tuple[Select[Any], list[str]]:
+    """The decision as one SELECT over the run's candidates (committed checkpoints, model-only leftovers).
+
+    ``only_delete=False``: ``(id, step_nr, model_only, newest, pins, k0..kn)`` for every candidate
+    (the plan with a reason per step). ``only_delete=True``: ``(id, step_nr)`` of the candidates
     no component keeps. Returns the statement and the component names (the ``k`` columns' order).
     """
     specs = component_specs(components)
     c = Checkpoint.__table__.alias("c")
-    mine = (c.c.run_id == run_id, c.c.state == State.COMMITTED.value)
+    mine = (c.c.run_id == run_id, candidate(c))
 
     def newest() -> ColumnElement[bool]:
         k, where = _committed(run_id)
@@ -83,7 +104,7 @@ def decision_query(run_id: int, components: Sequence[Any], *, only_delete: bool)
         kind, n = spec[0], spec[1]
         if kind == "every":
             return (c.c.step_nr % n) == 0
-        k, where = _committed(run_id)
+        k, where = _candidates(run_id)
         if kind == "last":  # the n newest: n entries of the (run_id, state, step_nr) index
             return c.c.step_nr.in_(select(k.c.step_nr).where(*where).order_by(k.c.step_nr.desc()).limit(n))
         metric, lower_better = spec[3], spec[4]
@@ -117,6 +138,7 @@ def decision_query(run_id: int, components: Sequence[Any], *, only_delete: bool)
         select(
             c.c.id,
             c.c.step_nr,
+            (c.c.state == State.DELETED.value).label("model_only"),
             newest().label("newest"),
             labels.c.labels.label("pins"),
             *[f.label(f"k{i}") for i, f in enumerate(flags)],
@@ -133,16 +155,16 @@ def reasons_of(row: Sequence[Any], names: Sequence[str]) -> tuple[str, ...]:
     from ckptdb.retention import NEWEST, pin_reason
 
     out: list[str] = []
-    if row[2]:
+    if row[3]:
         out.append(NEWEST)
-    if row[3] is not None:
-        out.append(pin_reason(str(row[3]).split(LABEL_SEP)))
-    out += [name for name, flag in zip(names, row[4:], strict=True) if flag]
+    if row[4] is not None:
+        out.append(pin_reason(str(row[4]).split(LABEL_SEP)))
+    out += [name for name, flag in zip(names, row[5:], strict=True) if flag]
     return tuple(out)
 
 
 def ids_to_delete(run_id: int, components: Sequence[Any]) -> Select[Any]:
-    """``SELECT id`` of the committed checkpoints the policy does not keep (for ``UPDATE ... IN``)."""
+    """``SELECT id`` of the candidates the policy does not keep (for ``UPDATE ... IN``)."""
     q, _ = decision_query(run_id, components, only_delete=True)
     sub = q.subquery("d")
     return select(sub.c.id)
@@ -150,7 +172,7 @@ def ids_to_delete(run_id: int, components: Sequence[Any]) -> Select[Any]:
 
 def explain(conn: Any, q: Select[Any]) -> list[str]:
     """The database's plan for ``q`` (SQLite: EXPLAIN QUERY PLAN details; PostgreSQL: EXPLAIN lines)."""
-    compiled = q.compile(conn)
+    compiled = q.compile(conn, compile_kwargs={"render_postcompile": True})  # IN lists expanded
     if conn.dialect.name == "sqlite":
         params = tuple(compiled.params[k] for k in compiled.positiontup or ())
         return [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string, params)]

@@ -618,6 +618,7 @@ class Catalog:
         keep: list[int] = []
         delete: list[int] = []
         reasons: dict[int, tuple[str, ...]] = {}
+        model_only: list[int] = []
         for row in rows:
             why = retention_sql.reasons_of(row, names)
             if why:
@@ -625,7 +626,9 @@ class Catalog:
                 reasons[row[1]] = why
             else:
                 delete.append(row[1])
-        return Plan(keep, delete, reasons)
+            if row[2]:
+                model_only.append(row[1])
+        return Plan(keep, delete, reasons, model_only)
 
     def retention_deletes(self, run_id: int, components: Sequence[Any]) -> list[int]:
         """Only the steps the policy deletes (one query; what the benchmark times)."""
@@ -637,34 +640,73 @@ class Catalog:
     def claim_for_deletion(
         self, run_id: int, components: Sequence[Any], reason: str, who: tuple[str, int], *, preserve_model: bool
     ) -> list[CheckpointInfo]:
-        """Decide and claim in one transaction: committed -> deleting for every step the policy drops.
+        """Decide and claim in one transaction: -> deleting for every candidate the policy drops.
+
+        Committed checkpoints move committed -> deleting (``model_preserved`` = ``preserve_model``:
+        the intent). Without ``preserve_model``, model-only leftovers of earlier preserve_model
+        deletions that the policy drops move deleted -> deleting with ``model_preserved`` cleared:
+        their remaining files go the same two-phase way (a crash leaves a ``deleting`` row that
+        recovery finishes). A leftover whose step has a pending or live row is left for later.
 
         The decision is re-made under the run's write lock, so a pin added or a checkpoint
-        claimed by a concurrent prune since any earlier look is respected. The caller removes the
-        files and calls :meth:`mark_deleted` (``ckptdb gc`` finishes what a crash interrupts).
+        claimed by a concurrent prune since any earlier look is respected. Claiming some dropped
+        candidates never changes which others are dropped (the kept set of every policy is
+        unchanged by removing candidates it does not keep), so the two claims below agree. The
+        caller removes the files and calls :meth:`mark_deleted` (``ckptdb gc`` finishes what a
+        crash interrupts).
         """
         with self.db.transaction() as s:
             self._lock_run(s, run_id)
             self._no_jit(s)
             now = utcnow()
-            claimed = list(
-                s.execute(
+            moved: list[tuple[int, State]] = []  # (id, state it left)
+            claimed = s.execute(
+                update(Checkpoint)
+                .where(
+                    Checkpoint.id.in_(retention_sql.ids_to_delete(run_id, components)),
+                    Checkpoint.state == State.COMMITTED,
+                )
+                .values(
+                    state=State.DELETING,
+                    state_changed_at=now,
+                    delete_reason=reason,
+                    model_preserved=preserve_model,
+                )
+                .returning(Checkpoint.id)
+                .execution_options(synchronize_session=False)
+            ).scalars()
+            moved += [(i, State.COMMITTED) for i in claimed]
+            if not preserve_model:
+                other = Checkpoint.__table__.alias("o")
+                busy = (
+                    select(other.c.id)
+                    .where(
+                        other.c.run_id == Checkpoint.run_id,
+                        other.c.step_nr == Checkpoint.step_nr,
+                        other.c.id != Checkpoint.id,
+                        other.c.state.in_([State.PENDING.value, *_LIVE]),
+                    )
+                    .exists()
+                )
+                leftovers = s.execute(
                     update(Checkpoint)
                     .where(
                         Checkpoint.id.in_(retention_sql.ids_to_delete(run_id, components)),
-                        Checkpoint.state == State.COMMITTED,
+                        Checkpoint.state == State.DELETED,
+                        Checkpoint.model_preserved.is_(True),
+                        ~busy,
                     )
                     .values(
                         state=State.DELETING,
                         state_changed_at=now,
                         delete_reason=reason,
-                        model_preserved=preserve_model,
+                        model_preserved=False,
                     )
                     .returning(Checkpoint.id)
                     .execution_options(synchronize_session=False)
                 ).scalars()
-            )
-            if not claimed:
+                moved += [(i, State.DELETED) for i in leftovers]
+            if not moved:
                 return []
             s.execute(
                 insert(CheckpointEvent),
@@ -672,20 +714,41 @@ class Catalog:
                     {
                         "checkpoint_id": i,
                         "at": now,
-                        "from_state": State.COMMITTED.value,
+                        "from_state": frm.value,
                         "to_state": State.DELETING.value,
-                        "reason": reason,
+                        "reason": reason if frm == State.COMMITTED else f"{reason}: its preserved model files",
                         "host": who[0],
                         "pid": who[1],
                     }
-                    for i in claimed
+                    for i, frm in moved
                 ],
             )
+            ids = [i for i, _ in moved]
             out: list[CheckpointInfo] = []
-            for i in range(0, len(claimed), 500):
-                q = select(Checkpoint).where(Checkpoint.id.in_(claimed[i : i + 500]))
+            for i in range(0, len(ids), 500):
+                q = select(Checkpoint).where(Checkpoint.id.in_(ids[i : i + 500]))
                 out += [_ckpt_info(c) for c in s.execute(q).scalars()]
             return sorted(out, key=lambda c: c.step_nr)
+
+    def claim_model_only(self, ckpt_id: int, reason: str, who: tuple[str, int]) -> None:
+        """deleted (model_preserved) -> deleting, model_preserved cleared: its model files are to go.
+
+        Raises ConcurrentModificationError when the row is no longer a model-only leftover.
+        """
+        with self.db.transaction() as s:
+            c = s.get(Checkpoint, ckpt_id)
+            if c is None or State(c.state) != State.DELETED or not c.model_preserved:
+                raise ConcurrentModificationError(f"checkpoint #{ckpt_id} is no longer a preserved model")
+            self._move(
+                s,
+                ckpt_id,
+                State.DELETED,
+                State.DELETING,
+                reason=f"{reason}: its preserved model files",
+                who=who,
+                delete_reason=reason,
+                model_preserved=False,
+            )
 
     def deletions(self, run_id: int) -> list[CheckpointInfo]:
         """Deleted (and being-deleted) checkpoints of a run with when and why, oldest first."""

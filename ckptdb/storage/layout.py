@@ -66,9 +66,18 @@ def metadata_file(tp_rank: int = 0, tp_size: int = 1) -> str:
 
 
 def is_model_file(relpath: str) -> bool:
-    """True for the files ``preserve_model=True`` keeps (fairseq2: stems starting with ``model``)."""
+    """True for a model file (fairseq2: a top-level file whose stem starts with ``model``)."""
     name = relpath.rsplit("/", 1)[-1]
     return name.startswith("model") and "/" not in relpath
+
+
+def kept_with_model(relpath: str) -> bool:
+    """True for the files ``preserve_model=True`` keeps: the model files and ``score.txt``.
+
+    fairseq2 unlinks only the other ``*.pt`` files, so a model-only step keeps its score (its
+    asset provider ranks model-only steps by it).
+    """
+    return is_model_file(relpath) or relpath == SCORE_FILE
 
 
 def parse_step_dir(name: str) -> int | None:

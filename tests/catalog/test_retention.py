@@ -69,8 +69,9 @@ def test_decision_query_uses_the_indexes(tmp_path: Path) -> None:
     )
     with cat.db.transaction(readonly=True) as s:
         detail = " | ".join(retention_sql.explain(s.connection(), q))
-    assert "SEARCH c USING COVERING INDEX ix_checkpoints_run_id_state_step_nr" in detail, detail
-    assert "SEARCH k USING COVERING INDEX ix_checkpoints_run_id_state_step_nr" in detail, detail
+    # not a covering index since model-only leftovers are candidates (model_preserved is read per row)
+    assert "SEARCH c USING INDEX ix_checkpoints_run_id_state_step_nr (run_id=? AND state=?)" in detail, detail
+    assert "SEARCH k USING INDEX ix_checkpoints_run_id_state_step_nr (run_id=? AND state=?)" in detail, detail
     assert "SEARCH s USING INDEX sqlite_autoindex_scores_1 (checkpoint_id=? AND metric=?)" in detail, detail
     assert "ix_pins_run_id_step_nr (run_id=?)" in detail, detail
     scans = [x for x in detail.split(" | ") if x.startswith("SCAN ") and x != "SCAN b"]  # b: the scored subquery
@@ -110,14 +111,18 @@ def test_fairseq2_calls_with_preserve_model_and_pins(tmp_path: Path, catalog_url
         save(m, step, score=score)
     m.pin(1, "release-1")
     assert m.keep_best_n_checkpoints(1, preserve_model=True) == [3]
-    assert m.keep_last_n_checkpoints(1) == [2]
+    step_3 = sorted(p.name for p in (m.checkpoint_dir / "step_3").iterdir())
+    assert step_3 == [".ckptdb_token", "model.pt", "score.txt"]
+    rows = sql(catalog_url, "SELECT step_nr, model_preserved, delete_reason FROM checkpoints WHERE state = 'deleted'")
+    assert [(s, bool(p), r) for s, p, r in rows] == [(3, True, "pruned by keep_best(1, metric='score', higher_better)")]
+    # the model-only step 3 is still a step (fairseq2): keep_last(1) removes its model too
+    assert m.keep_last_n_checkpoints(1) == [2, 3]
     assert m.get_step_numbers() == [1, 4]
-    assert sorted(p.name for p in (m.checkpoint_dir / "step_3").iterdir()) == [".ckptdb_token", "model.pt"]
-    assert not (m.checkpoint_dir / "step_2").exists()
+    assert not (m.checkpoint_dir / "step_2").exists() and not (m.checkpoint_dir / "step_3").exists()
     rows = sql(catalog_url, "SELECT step_nr, model_preserved, delete_reason FROM checkpoints WHERE state = 'deleted'")
     assert sorted((s, bool(p), r) for s, p, r in rows) == [
         (2, False, "pruned by keep_last(1)"),
-        (3, True, "pruned by keep_best(1, metric='score', higher_better)"),
+        (3, False, "pruned by keep_last(1)"),
     ]
 
 
