@@ -98,7 +98,11 @@ def decision_query(run_id: int, components: Sequence[Any], *, only_delete: bool)
 
     def newest() -> ColumnElement[bool]:
         k, where = _committed(run_id)
-        return c.c.step_nr == select(func.max(k.c.step_nr)).where(*where).scalar_subquery()
+        # only a committed row is the newest (never NULL for one: a model-only row alone gets false)
+        return and_(
+            c.c.state == State.COMMITTED.value,
+            c.c.step_nr == select(func.max(k.c.step_nr)).where(*where).scalar_subquery(),
+        )
 
     def kept_by(spec: tuple[Any, ...]) -> ColumnElement[bool]:
         kind, n = spec[0], spec[1]
