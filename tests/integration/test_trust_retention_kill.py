@@ -1,0 +1,53 @@
+"""Issue 10, item 7: SIGKILL a real process while it removes the model files of model-only steps
+(the leftovers of preserve_model deletions that a later keep_* call drops); the next open finishes
+the removal: the disk and the catalog end as if the call had completed, with no debris."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckptdb import FileCheckpointManager
+from tests.helpers import make_state, run_until_killme, sql, work_dirs
+
+CHILD = Path(__file__).with_name("child_retention.py")
+
+
+@pytest.mark.parametrize("point", ["after_claim", "after_rename", "before_mark"])
+def test_sigkill_mid_model_removal_is_finished_by_next_open(tmp_path: Path, catalog_url: str, point: str) -> None:
+    directory = tmp_path / "ckpt"
+    lines = run_until_killme([sys.executable, str(CHILD), str(directory), catalog_url, point])
+    assert lines[-1] == f"KILLME {point}", lines
+    # killed mid-way: both model-only steps were claimed ('deleting') in one transaction
+    states = sql(catalog_url, "SELECT step_nr, state FROM checkpoints ORDER BY step_nr")
+    assert states[:2] == [(1, "deleting"), (2, "deleting")], states
+
+    m = FileCheckpointManager(directory, catalog=catalog_url, run="exp")
+    assert m.last_recovery is not None and sorted(m.last_recovery.deletions_finished) == [1, 2]
+    assert work_dirs(directory) == [], sorted(p.name for p in directory.iterdir())
+    assert sorted(p.name for p in directory.glob("step_*")) == ["step_3", "step_4"]
+    assert sorted(p.name for p in (directory / "step_3").iterdir()) == [".ckptdb_token", "model.pt", "score.txt"]
+    rows = sql(catalog_url, "SELECT step_nr, state, model_preserved FROM checkpoints ORDER BY step_nr")
+    assert [(s, st, bool(p)) for s, st, p in rows] == [
+        (1, "deleted", False),
+        (2, "deleted", False),
+        (3, "deleted", True),
+        (4, "committed", False),
+    ]
+    left = sql(
+        catalog_url,
+        "SELECT c.step_nr, count(*) FROM shards s JOIN checkpoints c ON c.id = s.checkpoint_id "
+        "WHERE s.removed_at IS NULL AND c.step_nr IN (1, 2) GROUP BY c.step_nr",
+    )
+    assert left == []  # the catalog lists no file of steps 1 and 2 as present
+    # the trainer goes on: step 5, then the pattern removes step 3's model
+    m.begin_checkpoint(5)
+    m.save_state(make_state(5))
+    m.commit_checkpoint()
+    assert m.keep_last_n_checkpoints(2) == [3]
+    assert m.keep_last_n_checkpoints(1, preserve_model=True) == [4]
+    assert sorted(p.name for p in directory.glob("step_*")) == ["step_4", "step_5"]
+    again = FileCheckpointManager(directory, catalog=catalog_url, run="exp")
+    assert again.last_recovery is not None and not again.last_recovery.changed
