@@ -210,7 +210,8 @@ def test_preserve_model(mgr: FileCheckpointManager, catalog_url: str) -> None:
     save(mgr, 1, score=1.0)
     save(mgr, 2, score=2.0)
     mgr.keep_last_n_checkpoints(1, preserve_model=True)
-    assert sorted(p.name for p in (mgr.checkpoint_dir / "step_1").iterdir()) == [".ckptdb_token", "model.pt", "score.txt"]
+    step_1 = sorted(p.name for p in (mgr.checkpoint_dir / "step_1").iterdir())
+    assert step_1 == [".ckptdb_token", "model.pt", "score.txt"]
     assert mgr.get_step_numbers() == [2]
     (row,) = sql(catalog_url, "SELECT state, model_preserved, delete_reason FROM checkpoints WHERE step_nr = 1")
     assert row[0] == "deleted" and row[1] in (True, 1) and row[2] == "pruned by keep_last(1)"
