@@ -86,7 +86,7 @@ class StagingArea:
             return buf
 
         def stage_tensor(t: torch.Tensor) -> torch.Tensor:
-            if t.layout != torch.strided or t.device.type == "meta":
+            if t.layout != torch.strided or t.device.type == "meta" or t.is_quantized or t.is_nested:
                 out = t.detach().to("cpu", copy=True)
             else:
                 storage = stage_storage(t.untyped_storage())
@@ -114,12 +114,16 @@ def _copier(stage_tensor: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[A
             hit = memo.get(id(value))
             if hit is None:
                 hit = memo[id(value)] = stage_tensor(value)
+                for attr, v in value.__dict__.items():  # Python attributes are saved (and loaded) too
+                    setattr(hit, attr, copy(v))
             return hit
         tp = type(value)
         if tp in _DICTS:
             out = tp() if tp is not collections.Counter else collections.Counter()
             for k, v in value.items():
                 out[k] = copy(v)
+            for attr, v in getattr(value, "__dict__", {}).items():  # e.g. a state_dict's _metadata
+                setattr(out, attr, copy(v))
             return out
         if tp in _SEQUENCES:
             return tp(copy(v) for v in value)
