@@ -398,7 +398,7 @@ class FileCheckpointManager:
                     "model's key under it and drops it on load); rename it"
                 )
             keys = sharded_io.sharded_keys(state)
-            check_weights_only_safe(state)  # sharded values too: their non-tensor leaves are pickled by DCP
+            check_weights_only_safe(state, allow_sharded=True)  # DCP pickles the non-tensor values too
             return keys
 
         # a refusal on any rank is raised on every rank; nothing is written and the checkpoint stays open
@@ -786,6 +786,7 @@ class FileCheckpointManager:
                 key = part.get("model_key", "model") if isinstance(part, dict) else "model"
                 if key not in state and isinstance(part, dict) and key in part:
                     state[key] = part[key]
+            state.pop(_MODEL_KEY_ENTRY, None)  # fairseq2's FSDP rank files carry it; fairseq2's loader drops it
             if not state and sharded_state is None:
                 hint = ""
                 if any(s.path.startswith(sharded_io.SHARDED_DIR + "/") for s in shards):

@@ -6,7 +6,8 @@ rebuild must be caught when it is saved, with the key that holds it named. Two l
 1. A walk over the state that mirrors the allow-list of torch's weights-only unpickler
    (``torch/_weights_only_unpickler.py``): ``None``, ``bool``, ``int`` (up to the 255-byte
    ``LONG1`` encoding; larger ones need ``LONG4``, which that unpickler lacks), ``float``,
-   ``complex``, ``str``, ``bytes``, ``bytearray``, ``torch.dtype`` / ``device`` / ``layout`` /
+   ``complex``, ``str``, ``bytes`` (not empty: ``b""`` pickles as a call of ``builtins.bytes``),
+   ``bytearray``, ``torch.dtype`` / ``device`` / ``layout`` /
    ``qscheme`` / ``Size``; exactly ``dict``, ``collections.OrderedDict``, ``collections.Counter``,
    ``list``, ``tuple``, ``set``; exactly ``torch.Tensor`` and ``torch.nn.Parameter`` (their
    Python attributes are walked too). Everything else is refused: ``frozenset``, namedtuples,
@@ -124,6 +125,11 @@ def check_weights_only_safe(state: Mapping[str, Any], *, root: str = "state", al
             raise InvalidArgumentError(f"{where}: nesting deeper than {_MAX_DEPTH} levels")
         tp = type(value)
         if tp in _LEAF_TYPES:
+            if tp is bytes and not value:  # pickled as a call of builtins.bytes, which the loader refuses
+                raise InvalidArgumentError(
+                    f"{where}: an empty bytes value does not load with torch.load(weights_only=True); "
+                    "store None or bytearray() instead"
+                )
             return
         if tp is int:
             if not _int_fits(value):
