@@ -240,7 +240,7 @@ class VerifyingStorageReader(FileSystemReader):
         if hasher.hexdigest() != rec.digest:
             raise self._failed(path, f"{rec.hash_algorithm}:{rec.digest}", f"{rec.hash_algorithm}:{hasher.hexdigest()}")
         self._checked.add(rel)
-        metadata = pickle.loads(data)  # noqa: S301 - the bytes ckptdb wrote (digest checked above)
+        metadata = pickle.loads(data)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

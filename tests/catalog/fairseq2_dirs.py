@@ -77,7 +77,9 @@ def v03_fsdp(d: Path, steps: dict[int, float | None], *, dp: int = 2) -> Path:
         sd = model_sd(step)
         for r in range(dp):
             shard = {k: v.chunk(dp)[r].clone() for k, v in sd.items()}
-            _save({"model": shard, "optimizer": {"state": {}}, "step_nr": step, "model_key": "model"}, s / f"rank_{r}.pt")
+            _save(
+                {"model": shard, "optimizer": {"state": {}}, "step_nr": step, "model_key": "model"}, s / f"rank_{r}.pt"
+            )
         _save({"model": sd, "model_key": "model"}, s / "model.pt")
         if score is not None:
             (s / "score.txt").write_text(f"{score}\n")

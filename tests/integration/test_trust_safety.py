@@ -96,7 +96,9 @@ def same(a: Any, b: Any, where: str = "state") -> None:
     assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
     if isinstance(a, torch.Tensor):
         assert (a.dtype, a.shape, a.requires_grad) == (b.dtype, b.shape, b.requires_grad), where
-        assert torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8)), where
+        assert torch.equal(
+            a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8)
+        ), where
         same(dict(a.__dict__), dict(b.__dict__), f"{where}.__dict__")
     elif isinstance(a, dict):
         assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
@@ -270,7 +272,9 @@ def nested(leaves: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 
 def states(leaves: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
-    return st.dictionaries(st.text(min_size=1, max_size=4).filter(lambda k: k != "model_key"), nested(leaves), min_size=1, max_size=3)
+    return st.dictionaries(
+        st.text(min_size=1, max_size=4).filter(lambda k: k != "model_key"), nested(leaves), min_size=1, max_size=3
+    )
 
 
 def test_property_save_accepts_implies_load_returns_equal(tmp_path: Path) -> None:
@@ -368,7 +372,7 @@ def test_same_size_hostile_dcp_metadata_is_never_unpickled(tmp_path: Path, catal
 
     meta = d / "step_1" / "sharded" / ".metadata"
     sanity = tmp_path / "sanity-marker"
-    pickle.loads(_hostile_pickle(sanity, meta.stat().st_size)).close()  # noqa: S301 - the payload is live
+    pickle.loads(_hostile_pickle(sanity, meta.stat().st_size)).close()
     assert sanity.exists()
     marker = tmp_path / "pwned"
     meta.write_bytes(_hostile_pickle(marker, meta.stat().st_size))
@@ -399,7 +403,7 @@ def test_dcp_non_tensor_items_are_unpickled_weights_only(tmp_path: Path) -> None
         LoadItemType.BYTE_IO, MetadataIndex("model.step"), torch.Size([0]), MetadataIndex("model.step"),
         torch.Size([0]), torch.Size([0]),
     )  # fmt: skip
-    with pytest.raises(UnsafeCheckpointFileError, match="model.step"):
+    with pytest.raises(UnsafeCheckpointFileError, match=r"model\.step"):
         planner.load_bytes(item, buf)
     assert not marker.exists()
 
