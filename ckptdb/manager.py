@@ -89,6 +89,7 @@ log = logging.getLogger("ckptdb")
 T = TypeVar("T")
 
 _NOT_STATE_FILES = {layout.SCORE_FILE, layout.TOKEN_FILE}
+_MODEL_KEY_ENTRY = "model_key"  # fairseq2's bookkeeping entry in model.pt / rank files, never user state
 _HEARTBEAT_EVERY_S = 60.0
 
 
@@ -378,7 +379,8 @@ class FileCheckpointManager:
         rolls the checkpoint back and raises the same error on every rank.
         """
         op = self._require_open()
-        replicated_keys = set(replicated_keys or ())
+        model_key = validation.name(model_key, "model_key")
+        replicated_keys = validation.key_set(replicated_keys, "replicated_keys")
         tp_rank, tp_size = self._sfx
         dp_rank, dp_size = self.dp_gang.rank, self.dp_gang.size
         if op.state_saved:  # the same answer on every rank: no rank is left in a collective
@@ -390,8 +392,13 @@ class FileCheckpointManager:
         def check() -> list[str]:
             if not isinstance(state, Mapping):
                 raise InvalidArgumentError(f"state must be a mapping, not {type(state).__name__}")
+            if _MODEL_KEY_ENTRY in state:  # fairseq2's loader drops it, so it would never load back
+                raise InvalidArgumentError(
+                    f"state[{_MODEL_KEY_ENTRY!r}]: the key {_MODEL_KEY_ENTRY!r} is reserved (fairseq2 records the "
+                    "model's key under it and drops it on load); rename it"
+                )
             keys = sharded_io.sharded_keys(state)
-            check_weights_only_safe({k: v for k, v in state.items() if k not in keys})
+            check_weights_only_safe(state, allow_sharded=True)  # DCP pickles the non-tensor values too
             return keys
 
         # a refusal on any rank is raised on every rank; nothing is written and the checkpoint stays open
@@ -697,7 +704,7 @@ class FileCheckpointManager:
         """
         self.wait()
         step_nr = validation.step_nr(step_nr)
-        verify = verify or self.load_options.verify
+        verify = self.load_options.verify if verify is None else validation.verify_mode(verify)
         info, shards = self._on_coordinator(lambda: self._committed(step_nr), "load_checkpoint")
         return self._load_state(info, shards, verify, sharded_state)
 
@@ -719,7 +726,9 @@ class FileCheckpointManager:
         """
         step_nr = validation.step_nr(step_nr)
         info, shards = self._on_coordinator(lambda: self._committed(step_nr), "load_sharded_state")
-        self._load_sharded(info, shards, state_dict, verify or self.load_options.verify)
+        self._load_sharded(
+            info, shards, state_dict, self.load_options.verify if verify is None else validation.verify_mode(verify)
+        )
 
     def _load_sharded(
         self, info: CheckpointInfo, shards: list[ShardInfo], state_dict: dict[str, Any], verify: str
@@ -777,6 +786,7 @@ class FileCheckpointManager:
                 key = part.get("model_key", "model") if isinstance(part, dict) else "model"
                 if key not in state and isinstance(part, dict) and key in part:
                     state[key] = part[key]
+            state.pop(_MODEL_KEY_ENTRY, None)  # fairseq2's FSDP rank files carry it; fairseq2's loader drops it
             if not state and sharded_state is None:
                 hint = ""
                 if any(s.path.startswith(sharded_io.SHARDED_DIR + "/") for s in shards):
@@ -818,7 +828,7 @@ class FileCheckpointManager:
             CheckpointNotFoundError: the run has no committed checkpoint.
         """
         self.wait()
-        verify = verify or self.load_options.verify
+        verify = self.load_options.verify if verify is None else validation.verify_mode(verify)
         below: int | None = None
         while True:
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from ckptdb.errors import InvalidArgumentError
 from ckptdb.storage.hashing import DEFAULT_ALGORITHM
 
 
@@ -54,7 +55,7 @@ class LoadOptions:
 
     def __post_init__(self) -> None:
         if self.verify not in ("digest", "size"):
-            raise ValueError(f"LoadOptions.verify must be 'digest' or 'size', not {self.verify!r}")
+            raise InvalidArgumentError(f"LoadOptions.verify must be 'digest' or 'size', not {self.verify!r}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

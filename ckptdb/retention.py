@@ -35,6 +35,9 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ckptdb.errors import InvalidArgumentError
+from ckptdb.validation import MAX_INT64
+
 if TYPE_CHECKING:
     from ckptdb.catalog import Catalog
 
@@ -63,8 +66,8 @@ class KeepLast:
     n: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"KeepLast(n) needs an integer n >= 1, not {self.n!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_INT64:
+            raise InvalidArgumentError(f"KeepLast(n) needs an integer n >= 1, not {self.n!r}")
 
     def keep(self, candidates: Sequence[Candidate]) -> set[int]:
         return set(sorted(c.step_nr for c in candidates)[-self.n :])
@@ -85,10 +88,10 @@ class KeepBest:
     lower_better: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"KeepBest(n) needs an integer n >= 1, not {self.n!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_INT64:
+            raise InvalidArgumentError(f"KeepBest(n) needs an integer n >= 1, not {self.n!r}")
         if not isinstance(self.metric, str) or not self.metric:
-            raise ValueError(f"KeepBest(metric) needs a metric name, not {self.metric!r}")
+            raise InvalidArgumentError(f"KeepBest(metric) needs a metric name, not {self.metric!r}")
 
     def keep(self, candidates: Sequence[Candidate]) -> set[int]:
         return {s for _, s in self.ranked(candidates)[: self.n]}
@@ -115,8 +118,8 @@ class KeepEvery:
     k: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"KeepEvery(k) needs an integer k >= 1, not {self.k!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= MAX_INT64:
+            raise InvalidArgumentError(f"KeepEvery(k) needs an integer k >= 1, not {self.k!r}")
 
     def keep(self, candidates: Sequence[Candidate]) -> set[int]:
         return {c.step_nr for c in candidates if c.step_nr % self.k == 0}
@@ -153,10 +156,10 @@ class AnyOf:
 
     def __init__(self, *policies: Policy) -> None:
         if not policies:
-            raise ValueError("AnyOf() needs at least one policy")
+            raise InvalidArgumentError("AnyOf() needs at least one policy")
         for p in policies:
             if not isinstance(p, Policy):
-                raise ValueError(f"AnyOf() takes retention policies, not {p!r}")
+                raise InvalidArgumentError(f"AnyOf() takes retention policies, not {p!r}")
         object.__setattr__(self, "policies", tuple(policies))
 
     def keep(self, candidates: Sequence[Candidate]) -> set[int]:

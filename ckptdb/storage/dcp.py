@@ -8,8 +8,10 @@ size and mesh the caller's state dict has. ckptdb adds what DCP leaves out:
   so the same rename and catalog transaction that publish the per-rank files publish them too;
 * every byte written is hashed on its way to disk (a hashing stream under DCP's writer, no second
   read pass); each rank hands its :class:`~ckptdb.storage.writer.FileRecord` s to the commit;
-* on load, every file a rank reads (and ``.metadata``) is checked against the catalog's size and
-  digest first.
+* on load, every file a rank reads is checked against the catalog's size (and digest, unless
+  ``verify="size"``) first; ``.metadata``, a full pickle, is unpickled only after its digest matches,
+  whatever ``verify`` says, and non-tensor values are unpickled weights-only
+  (:class:`WeightsOnlyLoadPlanner`).
 
 Call order (inside :meth:`FileCheckpointManager.save_state` / ``load_*``; all ranks together)::
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import threading
 import warnings
 from collections.abc import Generator, Mapping
@@ -31,12 +34,15 @@ from typing import Any, cast
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from ckptdb.errors import CheckpointCorruptError
+from ckptdb.errors import CheckpointCorruptError, UnsafeCheckpointFileError
 from ckptdb.storage.hashing import Hasher, new_hasher
 from ckptdb.storage.reader import check_file
 from ckptdb.storage.writer import FileRecord
@@ -175,8 +181,8 @@ class HashingStorageWriter(FileSystemWriter):
 class VerifyingStorageReader(FileSystemReader):
     """DCP's ``FileSystemReader`` over a committed step, checking each file against the catalog.
 
-    ``.metadata`` is checked before it is unpickled; a data file is checked (size, and digest
-    unless ``digest=False``) the first time this rank reads from it. A mismatch raises
+    ``.metadata`` is digest-checked before it is unpickled, always; a data file is checked (size,
+    and digest unless ``verify="size"``) the first time this rank reads from it. A mismatch raises
     :class:`~ckptdb.errors.CheckpointCorruptError`.
     """
 
@@ -187,6 +193,7 @@ class VerifyingStorageReader(FileSystemReader):
         self.step_nr = step_nr
         self.verify = verify
         self._checked: set[str] = set()
+        self.error: CheckpointCorruptError | None = None
 
     def _check(self, relpath: str) -> None:
         rel = f"{SHARDED_DIR}/{relpath}"
@@ -200,14 +207,71 @@ class VerifyingStorageReader(FileSystemReader):
         check_file(self.step_dir, rec, self.step_nr, digest=self.verify == "digest")
         self._checked.add(rel)
 
+    def _failed(self, path: Path, expected: str, actual: str, *, missing: bool = False) -> CheckpointCorruptError:
+        # DCP may wrap this error in its own (e.g. after falling back to per-rank metadata):
+        # load_sharded raises the one kept here instead
+        self.error = CheckpointCorruptError(self.step_nr, str(path), expected, actual, missing=missing)
+        return self.error
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        self._check(METADATA_NAME)
-        return super().read_metadata(*args, **kwargs)
+        """Read ``.metadata`` (a full pickle: DCP's dataclasses) and unpickle it only once its bytes match.
+
+        The bytes are read once, their size and digest compared with the catalog whatever
+        ``verify`` says, and the same bytes unpickled: a file swapped for a same-size hostile
+        pickle is refused before anything in it runs.
+        """
+        rank = kwargs.get("rank")
+        name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
+        rel = f"{SHARDED_DIR}/{name}"
+        rec = self.expected.get(rel)
+        path = self.step_dir / rel
+        if rec is None:
+            if rank is not None:  # DCP's fallback to per-rank metadata, which ckptdb never writes
+                raise FileNotFoundError(str(path))
+            raise self._failed(path, "a file recorded in the catalog", "an unrecorded file")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise self._failed(path, f"{rec.size_bytes} bytes", "no file", missing=True) from None
+        if len(data) != rec.size_bytes:
+            raise self._failed(path, f"{rec.size_bytes} bytes", f"{len(data)} bytes")
+        hasher = new_hasher(rec.hash_algorithm)
+        hasher.update(memoryview(data))
+        if hasher.hexdigest() != rec.digest:
+            raise self._failed(path, f"{rec.hash_algorithm}:{rec.digest}", f"{rec.hash_algorithm}:{hasher.hexdigest()}")
+        self._checked.add(rel)
+        metadata = pickle.loads(data)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         for item in plan.items:
             self._check(self.storage_data[item.storage_index].relative_path)
         return super().read_data(plan, planner)
+
+
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that non-tensor values are unpickled weights-only.
+
+    DCP writes every non-tensor value of a sharded state (``step`` counters, ``param_groups``)
+    with ``torch.save`` and reads it back with a full unpickler; ckptdb accepts at save only
+    values a weights-only load rebuilds, so nothing else needs to be trusted at load.
+    """
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpointFileError(
+                f"refusing to load the sharded value {read_item.dest_index.fqn!r}: it holds objects a "
+                f"weights-only load does not allow ({str(exc).splitlines()[0]})"
+            ) from exc
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def _unwrap(e: CheckpointException) -> Exception:
@@ -262,8 +326,16 @@ def load_sharded(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-            dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=process_group is None)
+            dcp.load(
+                state,
+                storage_reader=reader,
+                planner=WeightsOnlyLoadPlanner(),
+                process_group=process_group,
+                no_dist=process_group is None,
+            )
     except CheckpointException as e:
+        if reader.error is not None:
+            raise reader.error from None
         raise _unwrap(e) from None
 
 
@@ -289,6 +361,7 @@ __all__ = [
     "SHARDED_DIR",
     "HashingStorageWriter",
     "VerifyingStorageReader",
+    "WeightsOnlyLoadPlanner",
     "contains_sharded",
     "full_model_state_dict",
     "is_sharded",

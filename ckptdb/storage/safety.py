@@ -1,37 +1,77 @@
 """Refuse, at save time, values that ``torch.load(weights_only=True)`` would refuse at load time.
 
 ckptdb never unpickles arbitrary objects on load, so an object that only a full unpickler could
-rebuild must be caught when it is saved, with the key that holds it named.
+rebuild must be caught when it is saved, with the key that holds it named. Two layers:
+
+1. A walk over the state that mirrors the allow-list of torch's weights-only unpickler
+   (``torch/_weights_only_unpickler.py``): ``None``, ``bool``, ``int`` (up to the 255-byte
+   ``LONG1`` encoding; larger ones need ``LONG4``, which that unpickler lacks), ``float``,
+   ``complex``, ``str``, ``bytes`` (not empty: ``b""`` pickles as a call of ``builtins.bytes``),
+   ``bytearray``, ``torch.dtype`` / ``device`` / ``layout`` /
+   ``qscheme`` / ``Size``; exactly ``dict``, ``collections.OrderedDict``, ``collections.Counter``,
+   ``list``, ``tuple``, ``set``; exactly ``torch.Tensor`` and ``torch.nn.Parameter`` (their
+   Python attributes are walked too). Everything else is refused: ``frozenset``, namedtuples,
+   dataclasses, enums, numpy arrays and scalars, ``Fraction``, ``Decimal``, ``torch.memory_format``
+   (it cannot even be pickled), tensor subclasses, containers that refer back to themselves.
+2. Where the walk meets something whose fate it cannot decide by type alone (a type registered
+   with ``torch.serialization.add_safe_globals``, a tensor with Python attributes, a sparse,
+   quantized, nested or exotic-dtype tensor), a dry run: the value is serialised exactly as
+   ``torch.save`` does but without tensor data (``torch.serialization.skip_data``), and the pickle
+   is read back by torch's own weights-only unpickler over empty ``meta`` storages. A failure of
+   either step is a refusal naming the innermost key that fails.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+import io
+import pickle
+import zipfile
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from ckptdb.errors import InvalidArgumentError
 
-_LEAF_TYPES: tuple[type, ...] = (
-    type(None),
-    bool,
-    int,
-    float,
-    complex,
-    str,
-    bytes,
-    bytearray,
-    torch.dtype,
-    torch.device,
-    torch.Size,
-    torch.memory_format,
-    torch.layout,
+_LEAF_TYPES: frozenset[type] = frozenset(
+    {
+        type(None),
+        bool,
+        float,
+        complex,
+        str,
+        bytes,
+        bytearray,
+        torch.dtype,
+        torch.device,
+        torch.layout,
+        torch.qscheme,
+        torch.Size,
+    }
 )
-_CONTAINERS: tuple[type, ...] = (dict, collections.OrderedDict, collections.Counter)
-_SEQUENCES: tuple[type, ...] = (list, tuple, set, frozenset)
+_DICTS: tuple[type, ...] = (dict, collections.OrderedDict, collections.Counter)
+_SEQUENCES: tuple[type, ...] = (list, tuple, set)
+_PLAIN_TENSORS: tuple[type, ...] = (torch.Tensor, torch.nn.Parameter)
 _MAX_DEPTH = 200
+_LONG1_MAX_BYTES = 255  # the weights-only unpickler reads LONG1 (<= 255 bytes), not LONG4
+# dtypes whose tensors the walk passes without a dry run (every one round-trips in torch >= 2.4)
+_COMMON_DTYPES: frozenset[torch.dtype] = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.complex128,
+        torch.complex64,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    }
+)
 
 
 def _extra_safe_types() -> tuple[type, ...]:
@@ -43,54 +83,203 @@ def _extra_safe_types() -> tuple[type, ...]:
     return tuple(out)
 
 
-def check_weights_only_safe(state: Mapping[str, Any], *, root: str = "state") -> None:
-    """Raise :class:`InvalidArgumentError` naming the first value a weights-only load refuses."""
+def _is_sharded(value: Any) -> bool:
+    from ckptdb.storage.dcp import is_sharded
+
+    return is_sharded(value)
+
+
+def _int_fits(value: int) -> bool:
+    if -(2**2000) < value < 2**2000:
+        return True
+    return len(pickle.encode_long(value)) <= _LONG1_MAX_BYTES
+
+
+def _refuse(where: str, tp: type, why: str = "") -> InvalidArgumentError:
+    name = f"{tp.__module__}.{tp.__qualname__}" if tp.__module__ != "builtins" else tp.__qualname__
+    return InvalidArgumentError(
+        f"{where}: value of type {name} cannot be saved safely{why}: checkpoints are loaded with "
+        "torch.load(weights_only=True), which refuses arbitrary objects; store tensors, numbers, "
+        "strings and dict/list/tuple/set containers of them (or register the type with "
+        "torch.serialization.add_safe_globals)"
+    )
+
+
+def check_weights_only_safe(state: Mapping[str, Any], *, root: str = "state", allow_sharded: bool = False) -> None:
+    """Raise :class:`InvalidArgumentError` naming the first value a weights-only load refuses.
+
+    Args:
+        state: the mapping passed to ``save_state`` / ``save_metadata`` (string keys).
+        root: how the mapping is named in error messages.
+        allow_sharded: DTensor / ShardedTensor values are accepted as they are (DCP writes them;
+            the non-tensor values around them are checked like any other value, because DCP
+            pickles those and ckptdb loads them back weights-only).
+    """
     extra = _extra_safe_types()
     seen: set[int] = set()
+    uncertain = False
 
     def walk(value: Any, where: str, depth: int) -> None:
+        nonlocal uncertain
         if depth > _MAX_DEPTH:
             raise InvalidArgumentError(f"{where}: nesting deeper than {_MAX_DEPTH} levels")
         tp = type(value)
-        if tp in _LEAF_TYPES or isinstance(value, extra):
+        if tp in _LEAF_TYPES:
+            if tp is bytes and not value:  # pickled as a call of builtins.bytes, which the loader refuses
+                raise InvalidArgumentError(
+                    f"{where}: an empty bytes value does not load with torch.load(weights_only=True); "
+                    "store None or bytearray() instead"
+                )
             return
+        if tp is int:
+            if not _int_fits(value):
+                raise InvalidArgumentError(
+                    f"{where}: integer of {value.bit_length()} bits is too large for a weights-only load "
+                    "(at most about 2000 bits); store it as a string"
+                )
+            return
+        if tp is torch.memory_format:
+            raise InvalidArgumentError(
+                f"{where}: torch.memory_format {value} cannot be pickled by torch.save; store str(value)"
+            )
         if isinstance(value, torch.Tensor):
-            # Parameters and plain tensors are safe; arbitrary tensor subclasses are not
-            # (DTensor and friends are handled by the distributed writer, not here).
-            if tp in (torch.Tensor, torch.nn.Parameter):
+            walk_tensor(value, tp, where, depth)
+            return
+        if tp in _DICTS or tp in _SEQUENCES:
+            if id(value) in seen:
+                raise InvalidArgumentError(f"{where}: a container refers back to itself")
+            seen.add(id(value))
+            if tp in _DICTS:
+                for k, v in value.items():
+                    walk(k, f"{where} (key {k!r})", depth + 1)
+                    walk(v, f"{where}[{k!r}]", depth + 1)
+                attrs = getattr(value, "__dict__", None)
+                if attrs:  # e.g. a state_dict's OrderedDict._metadata: rebuilt by the unpickler's BUILD
+                    uncertain = uncertain or tp is not collections.OrderedDict
+                    for a, v in attrs.items():
+                        walk(v, f"{where}.{a}", depth + 1)
+            else:
+                for i, v in enumerate(value):
+                    walk(v, f"{where}[{i}]", depth + 1)
+            seen.discard(id(value))
+            return
+        if extra and tp in extra:
+            uncertain = True  # registered by the user: the dry run decides (its contents too)
+            return
+        raise _refuse(where, tp)
+
+    def walk_tensor(t: torch.Tensor, tp: type, where: str, depth: int) -> None:
+        nonlocal uncertain
+        if tp not in _PLAIN_TENSORS:
+            if allow_sharded and _is_sharded(t):
                 return
             raise InvalidArgumentError(
                 f"{where}: tensor subclass {tp.__module__}.{tp.__qualname__} cannot be loaded "
                 "with weights_only=True; convert it to a plain tensor"
             )
-        if tp in _CONTAINERS:
-            if id(value) in seen:
-                raise InvalidArgumentError(f"{where}: a container refers back to itself")
-            seen.add(id(value))
-            for k, v in value.items():
-                if type(k) not in _LEAF_TYPES:
-                    raise InvalidArgumentError(
-                        f"{where}: dictionary key of type {type(k).__qualname__} is not saveable"
-                    )
-                walk(v, f"{where}[{k!r}]", depth + 1)
-            seen.discard(id(value))
-            return
-        if tp in _SEQUENCES:
-            if id(value) in seen:
-                raise InvalidArgumentError(f"{where}: a container refers back to itself")
-            seen.add(id(value))
-            for i, v in enumerate(value):
-                walk(v, f"{where}[{i}]", depth + 1)
-            seen.discard(id(value))
-            return
-        raise InvalidArgumentError(
-            f"{where}: value of type {tp.__module__}.{tp.__qualname__} cannot be saved safely: "
-            "checkpoints are loaded with torch.load(weights_only=True), which refuses arbitrary "
-            "objects; store tensors, numbers, strings and containers of them (or register the "
-            "type with torch.serialization.add_safe_globals)"
-        )
+        if t.layout != torch.strided or t.is_quantized or t.is_nested or t.dtype not in _COMMON_DTYPES:
+            uncertain = True
+        attrs = t.__dict__
+        if attrs:
+            uncertain = True
+            if id(t) in seen:
+                raise InvalidArgumentError(f"{where}: a tensor attribute refers back to the tensor")
+            seen.add(id(t))
+            for a, v in attrs.items():
+                walk(v, f"{where}.{a}", depth + 1)
+            seen.discard(id(t))
 
     for key, value in state.items():
         if not isinstance(key, str):
             raise InvalidArgumentError(f"{root}: top-level keys must be strings, got {key!r}")
-        walk(value, f"{root}[{key!r}]", 1)
+        where = f"{root}[{key!r}]"
+        uncertain = False
+        walk(value, where, 1)
+        if uncertain:
+            _dry_run_or_raise(value, where)
+
+
+# -- the dry run --------------------------------------------------------------------------------
+
+
+class _MetaStorages:
+    """``persistent_load`` for the dry run: every storage is an empty ``meta`` storage of its size."""
+
+    def __call__(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, storage_type, _key, _location, numel = pid
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        nbytes = numel * torch._utils._element_size(dtype)
+        untyped = torch.UntypedStorage(nbytes, device="meta")
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+
+def _dry_run(value: Any) -> str | None:
+    """Serialise ``value`` as ``torch.save`` would (no tensor data), unpickle it weights-only.
+
+    Returns why it would fail, or None. Only refusals are reported: a failure of the meta-storage
+    stand-in itself (not a refusal of the real loader) is not.
+    """
+    from torch import _weights_only_unpickler as wou
+
+    buf = io.BytesIO()
+    try:
+        try:
+            with torch.serialization.skip_data():
+                torch.save(value, buf)
+        except RuntimeError as e:
+            if "skip_data" not in str(e):
+                raise
+            buf = io.BytesIO()  # quantized and nested tensors: a real save (rare; their data is copied)
+            torch.save(value, buf)
+    except Exception as e:  # noqa: BLE001 - anything torch.save cannot write is refused
+        return f"torch.save fails: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    pending = torch._utils._sparse_tensors_to_validate
+    before = len(pending)
+    unpickler = wou.Unpickler(io.BytesIO(pkl), encoding="utf-8")
+    unpickler.persistent_load = _MetaStorages()  # type: ignore[method-assign]
+    try:
+        unpickler.load()
+    except pickle.UnpicklingError as e:
+        return f"a weights-only load refuses it: {str(e).splitlines()[0]}"
+    except Exception:  # noqa: BLE001 - the meta stand-in, not the real loader, failed: no verdict
+        return None
+    finally:
+        del pending[before:]  # meta sparse tensors must not be validated by a later real load
+    return None
+
+
+def _children(value: Any, where: str) -> list[tuple[Any, str]]:
+    tp = type(value)
+    out: list[tuple[Any, str]] = []
+    if tp in _DICTS:
+        out = [(v, f"{where}[{k!r}]") for k, v in value.items()]
+        out += [(k, f"{where} (key {k!r})") for k in value]
+    elif tp in _SEQUENCES:
+        out = [(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    attrs = getattr(value, "__dict__", None) if tp in _DICTS or isinstance(value, torch.Tensor) else None
+    if attrs:
+        out += [(v, f"{where}.{a}") for a, v in attrs.items()]
+    return out
+
+
+def _dry_run_or_raise(value: Any, where: str, run: Callable[[Any], str | None] = _dry_run) -> None:
+    why = run(value)
+    if why is None:
+        return
+    # name the innermost failing value
+    while True:
+        for child, child_where in _children(value, where):
+            child_why = run(child)
+            if child_why is not None:
+                value, where, why = child, child_where, child_why
+                break
+        else:
+            break
+    raise InvalidArgumentError(
+        f"{where}: value of type {type(value).__qualname__} would not load back with "
+        f"torch.load(weights_only=True) ({why}); convert it to plain tensors, numbers, strings and containers"
+    )

@@ -9,7 +9,8 @@ exactly as ``torch.save`` would have written them.
 Buffers are matched by the order in which storages are met and their byte sizes, per file: when the
 next save has the same layout (the usual case) no memory is allocated and the copy runs at memcpy
 speed into already faulted-in pages. Buffers for storages on an accelerator are pinned, and the
-device-to-host copies are issued non-blocking and synchronised once.
+device-to-host copies are issued non-blocking, then every device a copy came from is synchronised
+(each GPU once) before ``stage`` returns.
 
 Call order: ``stage(key, obj)`` * -> (write the staged objects) -> next ``stage()`` reuses the buffers.
 The caller must not stage again while a previous staged copy is still being written.
@@ -65,10 +66,9 @@ class StagingArea:
         old = self._buffers.get(key, [])
         used: list[torch.UntypedStorage] = []
         by_storage: dict[int, torch.UntypedStorage] = {}
-        need_sync = False
+        devices: set[torch.device] = set()  # every accelerator a copy was issued from
 
         def stage_storage(src: torch.UntypedStorage) -> torch.UntypedStorage:
-            nonlocal need_sync
             staged = by_storage.get(src._cdata)
             if staged is not None:
                 return staged
@@ -76,8 +76,8 @@ class StagingArea:
             nbytes = src.nbytes()
             buf = old[i] if i < len(old) and old[i].nbytes() == nbytes else _new_buffer(nbytes, src.device)
             if src.device.type != "cpu":
-                buf.copy_(src, non_blocking=True)
-                need_sync = True
+                buf.copy_(src, non_blocking=True)  # queued on the current stream of src's device
+                devices.add(src.device)
             else:
                 buf.copy_(src)
             used.append(buf)
@@ -86,7 +86,7 @@ class StagingArea:
             return buf
 
         def stage_tensor(t: torch.Tensor) -> torch.Tensor:
-            if t.layout != torch.strided or t.device.type == "meta":
+            if t.layout != torch.strided or t.device.type == "meta" or t.is_quantized or t.is_nested:
                 out = t.detach().to("cpu", copy=True)
             else:
                 storage = stage_storage(t.untyped_storage())
@@ -99,11 +99,27 @@ class StagingArea:
 
         copy = _copier(stage_tensor)
         result = copy(obj)
-        if need_sync:
-            torch.cuda.synchronize()
+        synchronize(devices)  # before anyone (the background writer) reads the buffers
         self._buffers[key] = used
         self.seconds += time.perf_counter() - start
         return result
+
+
+def _synchronize_one(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    else:  # another accelerator (xpu, mps, ...)
+        torch.accelerator.synchronize(device)
+
+
+def synchronize(devices: set[torch.device], sync: Callable[[torch.device], None] = _synchronize_one) -> None:
+    """Wait for every copy issued from each of ``devices``, one synchronisation per device.
+
+    ``torch.cuda.synchronize()`` without an argument waits for the *current* device only: copies
+    from the other GPUs of a multi-GPU state could still be in flight when the buffers are read.
+    """
+    for device in sorted(devices, key=str):
+        sync(device)
 
 
 def _copier(stage_tensor: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Any], Any]:
@@ -114,12 +130,16 @@ def _copier(stage_tensor: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[A
             hit = memo.get(id(value))
             if hit is None:
                 hit = memo[id(value)] = stage_tensor(value)
+                for attr, v in value.__dict__.items():  # Python attributes are saved (and loaded) too
+                    setattr(hit, attr, copy(v))
             return hit
         tp = type(value)
         if tp in _DICTS:
             out = tp() if tp is not collections.Counter else collections.Counter()
             for k, v in value.items():
                 out[k] = copy(v)
+            for attr, v in getattr(value, "__dict__", {}).items():  # e.g. a state_dict's _metadata
+                setattr(out, attr, copy(v))
             return out
         if tp in _SEQUENCES:
             return tp(copy(v) for v in value)
@@ -130,4 +150,4 @@ def _copier(stage_tensor: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[A
     return copy
 
 
-__all__ = ["StagingArea"]
+__all__ = ["StagingArea", "synchronize"]

@@ -65,3 +65,22 @@ def snapshot(d: Path) -> dict[str, tuple[int, int, bytes]]:
         for p in sorted(d.rglob("*"))
         if p.is_file() and not p.name.startswith("catalog.db")
     }
+
+
+def v03_fsdp(d: Path, steps: dict[int, float | None], *, dp: int = 2) -> Path:
+    """fairseq2 v0.3/0.4.0 FSDP (model not replicated): every ``rank_<dp>.pt`` holds its model shard
+    *and* ``"model_key": "model"``; ``model.pt`` is the consolidated model (save_consolidated_fsdp_model)."""
+    d.mkdir(parents=True)
+    (d / "model.yaml").write_text(yaml.safe_dump(CARD))
+    for step, score in steps.items():
+        s = d / f"step_{step}"
+        sd = model_sd(step)
+        for r in range(dp):
+            shard = {k: v.chunk(dp)[r].clone() for k, v in sd.items()}
+            _save(
+                {"model": shard, "optimizer": {"state": {}}, "step_nr": step, "model_key": "model"}, s / f"rank_{r}.pt"
+            )
+        _save({"model": sd, "model_key": "model"}, s / "model.pt")
+        if score is not None:
+            (s / "score.txt").write_text(f"{score}\n")
+    return d
