@@ -10,7 +10,7 @@ deleted and where to resume. Protocol for one save (docs/integrations.md has the
     on_save                      fsync + hash every file, then one transaction: 'pending' -> 'committed'
                                  with sizes, digests, the step's logged metrics as scores and the
                                  TrainingArguments and versions as metadata; pin the Trainer's best;
-                                 apply retention (keep last N ∪ best N ∪ pins; newest never deleted)
+                                 apply retention (keep last N + best N + pins; newest never deleted)
 
 A killed save leaves a pending row whose writer is dead: the next run (or ``ckptdb gc``) rolls it
 back, and the callback removes its ``checkpoint-N`` directory when training starts.
@@ -316,7 +316,9 @@ class CatalogCallback(TrainerCallback):  # type: ignore[misc]
             return None
         try:
             shards = _hash_tree(d, self.hash_algorithm, fsync=self.fsync)
-            committed = m.catalog.commit(info.id, shards, self._scores(state, step), self._metadata(args, state), common.who())
+            committed = m.catalog.commit(
+                info.id, shards, self._scores(state, step), self._metadata(args, state), common.who()
+            )
         except BaseException:
             self._abort("adopting the Trainer's directory failed")
             raise

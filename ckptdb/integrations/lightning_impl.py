@@ -77,7 +77,7 @@ def default_policy(*, monitor: str | None, mode: str, save_top_k: int) -> Any:
 
 
 def build(package: str) -> SimpleNamespace:
-    """``CatalogCheckpoint`` and ``CatalogCheckpointIO`` for ``package`` (``lightning.pytorch`` or ``pytorch_lightning``)."""
+    """The two classes for ``package``: ``"lightning.pytorch"`` or ``"pytorch_lightning"``."""
     if package in _built:
         return _built[package]
     pl = importlib.import_module(package)
@@ -132,7 +132,7 @@ def build(package: str) -> SimpleNamespace:
         The familiar arguments keep their meaning; the differences (docs/integrations.md):
         one checkpoint per global step in ``dirpath/step_<N>/`` (``filename`` is recorded as
         metadata, not used as a path); "last" is the newest committed step (no ``last.ckpt``
-        copy); retention is ckptdb's top-k ∪ newest ∪ pins and survives resume; every logged
+        copy); retention is ckptdb's top-k + newest + pins and survives resume; every logged
         metric is a score. ``save_top_k=-1`` keeps everything.
 
         Args:
@@ -172,7 +172,7 @@ def build(package: str) -> SimpleNamespace:
             self._view: tuple[str, Catalog | None] | None = None
             self._refreshed = False
             super().__init__(dirpath, filename, monitor, *args, **kwargs)
-            if self.save_last == "link":
+            if self.save_last == "link":  # type: ignore[has-type]
                 self.save_last = True  # "last" is a catalog query: there is nothing to link
             self.policy = (
                 retention

@@ -1,6 +1,6 @@
 """A tiny Hugging Face Trainer run for the tests: GPT-2 built from a config (no hub), synthetic data.
 
-    python hf_child.py OUTPUT_DIR [--steps 30] [--kill-at STEP] [--kill-in trainer|ckptdb] [--out weights.pt]
+python hf_child.py OUTPUT_DIR [--steps 30] [--kill-at STEP] [--kill-in trainer|ckptdb] [--out weights.pt]
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ elif a.kill_at >= 0:  # SIGKILL while ckptdb hashes the directory (row pending)
 
     hf._hash_tree = hash_then_die
 
-config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                    attn_pdrop=0.0)
+config = GPT2Config(
+    vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
 torch.manual_seed(0)
 model = GPT2LMHeadModel(config)
 args = TrainingArguments(
@@ -98,7 +99,7 @@ print(f"RESUME {resume}", flush=True)
 trainer.train(resume_from_checkpoint=resume)
 print(f"RESULT global_step={trainer.state.global_step} best={trainer.state.best_model_checkpoint}", flush=True)
 if a.out:  # the weights at the last step (load_best_model_at_end swapped the model for the best one)
-    final = torch.load  # noqa: F841
+    final = torch.load
     from safetensors.torch import load_file
 
     sd = load_file(os.path.join(a.output_dir, f"checkpoint-{a.steps}", "model.safetensors"))

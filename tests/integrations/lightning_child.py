@@ -1,6 +1,6 @@
 """A tiny Lightning run for the tests: save every epoch, optionally SIGKILL itself inside a save.
 
-    python lightning_child.py DIR [--epochs E] [--kill-at STEP] [--out weights.pt] [--devices 2] [--pl]
+python lightning_child.py DIR [--epochs E] [--kill-at STEP] [--out weights.pt] [--devices 2] [--pl]
 """
 
 from __future__ import annotations

@@ -12,13 +12,13 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-import torch  # noqa: E402
+import torch
 
-from ckptdb.catalog import Catalog  # noqa: E402
-from ckptdb.catalog.models import State  # noqa: E402
-from ckptdb.catalog.session import sqlite_url  # noqa: E402
-from ckptdb.hf import BEST_PIN, CatalogCallback, last_checkpoint  # noqa: E402
-from ckptdb.verify import verify  # noqa: E402
+from ckptdb.catalog import Catalog
+from ckptdb.catalog.models import State
+from ckptdb.catalog.session import sqlite_url
+from ckptdb.hf import BEST_PIN, CatalogCallback, last_checkpoint
+from ckptdb.verify import verify
 
 CHILD = Path(__file__).with_name("hf_child.py")
 pytestmark = pytest.mark.timeout(600)
@@ -64,7 +64,7 @@ def test_sigkill_mid_save_then_resume(tmp_path: Path, reference: dict[str, torch
     for k in reference:  # the Trainer restores model, optimizer, scheduler, RNG and data position
         assert torch.equal(final[k], reference[k]), k
 
-    # retention: exactly best-2 by eval_loss ∪ last-1 (the Trainer's best is pinned and among them)
+    # retention: exactly best-2 by eval_loss + last-1 (the Trainer's best is pinned and among them)
     scores = committed(out)
     evals = {s: v["eval_loss"] for s, v in scores.items()}
     cat = Catalog(sqlite_url(out / "catalog.db"), create=False)

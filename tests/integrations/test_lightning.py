@@ -12,13 +12,13 @@ import pytest
 
 pytest.importorskip("lightning")
 
-import torch  # noqa: E402
+import torch
 
-from ckptdb import FileCheckpointManager  # noqa: E402
-from ckptdb.catalog import Catalog  # noqa: E402
-from ckptdb.catalog.models import State  # noqa: E402
-from ckptdb.catalog.session import sqlite_url  # noqa: E402
-from tests.helpers import work_dirs  # noqa: E402
+from ckptdb import FileCheckpointManager
+from ckptdb.catalog import Catalog
+from ckptdb.catalog.models import State
+from ckptdb.catalog.session import sqlite_url
+from tests.helpers import work_dirs
 
 CHILD = Path(__file__).with_name("lightning_child.py")
 pytestmark = pytest.mark.timeout(600)
@@ -27,7 +27,9 @@ pytestmark = pytest.mark.timeout(600)
 def run_child(d: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("CKPTDB_URL", None)
-    return subprocess.run([sys.executable, str(CHILD), str(d), *args], capture_output=True, text=True, timeout=400, env=env)
+    return subprocess.run(
+        [sys.executable, str(CHILD), str(d), *args], capture_output=True, text=True, timeout=400, env=env
+    )
 
 
 def catalog_of(d: Path) -> tuple[Catalog, int]:
