@@ -246,6 +246,8 @@ class FileCheckpointManager:
             torch_version=torch.__version__,
             python_version=platform.python_version(),
             world_size=self.gang.size,
+            boot_id=_proc.boot_id(),
+            pid_ns=_proc.pid_namespace(),
         )
 
     def _require_open(self) -> _Open:
@@ -493,6 +495,7 @@ class FileCheckpointManager:
                 op.writer.write_torch(layout.metadata_file(*self._sfx), data, rank=self.gang.rank, kind="metadata")
 
         self._write_all(op, "save_metadata", write)
+        self._heartbeat(op)
 
     def save_score(self, score: float | None, *, metric: str = "score") -> None:
         """Record a score for the open checkpoint (several named metrics allowed).
@@ -507,7 +510,9 @@ class FileCheckpointManager:
 
     def _heartbeat(self, op: _Open) -> None:
         # At most one heartbeat transaction a minute: it only has to beat RecoveryOptions.stale_after
-        # (hours), and each one is a synchronous catalog write on the save's critical path.
+        # (hours), and each one is a synchronous catalog write on the save's critical path. It is
+        # what keeps a writer that others cannot check by pid (another host, another container on
+        # this host) alive in their eyes: written by begin, save_state, save_metadata and commit.
         if time.monotonic() - op.last_beat < _HEARTBEAT_EVERY_S:
             return
         op.last_beat = time.monotonic()
@@ -553,6 +558,7 @@ class FileCheckpointManager:
         return self._background.wait(timeout)
 
     def _commit(self, op: _Open) -> None:
+        self._heartbeat(op)  # the staged writes and fsyncs below may take long: start them with a fresh beat
         if op.staged:
             staged, op.staged = op.staged, []
 

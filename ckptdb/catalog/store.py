@@ -52,6 +52,8 @@ def _writer_columns(writer: WriterInfo) -> dict[str, Any]:
         "writer_host": writer.host,
         "writer_pid": writer.pid,
         "writer_start_time": writer.start_time,
+        "writer_boot_id": writer.boot_id,
+        "writer_pid_ns": writer.pid_ns,
         "ckptdb_version": writer.ckptdb_version,
         "torch_version": writer.torch_version,
         "python_version": writer.python_version,
@@ -94,6 +96,8 @@ def _ckpt_info(c: Checkpoint, scores: Mapping[str, float | None] | None = None) 
         write_seconds=c.write_seconds,
         sync_seconds=c.sync_seconds,
         commit_seconds=c.commit_seconds,
+        writer_boot_id=c.writer_boot_id,
+        writer_pid_ns=c.writer_pid_ns,
     )
 
 
