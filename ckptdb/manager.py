@@ -264,6 +264,10 @@ class FileCheckpointManager:
     def begin_checkpoint(self, step_nr: int, *, overwrite: bool = False) -> None:
         """Start checkpoint ``step_nr``: a 'pending' catalog row, then a temporary directory.
 
+        A step whose checkpoint is damaged (``corrupt`` or ``missing``, e.g. after
+        ``load_last_checkpoint`` fell back past it) may be saved again without ``overwrite``: the
+        commit supersedes the damaged copy, whose files stay in place until then.
+
         Raises:
             InvalidOperationError: a checkpoint is already open.
             CheckpointExistsError: ``step_nr`` is committed and ``overwrite`` is False.
@@ -324,10 +328,26 @@ class FileCheckpointManager:
         if not final.exists():
             return
         owner = read_owner(final)
-        if owner is not None and owner in self.catalog.by_tokens([owner]):
-            return  # ours: the catalog decides (CheckpointExistsError unless overwrite)
         live = self.catalog.live(self._run.id, step_nr)
+        # saving a damaged step again needs no overwrite=True: step_N must then be the damaged copy
+        resave = not overwrite and live is not None and live.state in (State.CORRUPT.value, State.MISSING.value)
+        if owner is not None and owner in self.catalog.by_tokens([owner]):
+            if resave and live is not None and owner != live.token:
+                raise CheckpointExistsError(
+                    f"{str(final)!r} belongs to another catalog row (token {owner}), not to step {step_nr}'s "
+                    f"{live.state} checkpoint; move it away or pass overwrite=True to replace it",
+                    step_nr=step_nr,
+                )
+            return  # ours: the catalog decides (CheckpointExistsError unless overwrite or damaged)
         if live is not None and owner is None:
+            if resave and live.state == State.MISSING.value:
+                # the catalog's copy went missing and a directory without a token stands in its place:
+                # it may be anyone's (ckptdb never deletes files it did not write)
+                raise CheckpointExistsError(
+                    f"{str(final)!r} has no .ckptdb_token and step {step_nr}'s checkpoint is missing: it may "
+                    f"not be the catalog's copy; move it away, or pass overwrite=True to replace it",
+                    step_nr=step_nr,
+                )
             return  # an adopted (imported) directory
         raise CheckpointExistsError(
             f"{str(final)!r} exists but the catalog has no checkpoint for it; adopt it with "
