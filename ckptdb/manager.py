@@ -139,7 +139,10 @@ class FileCheckpointManager:
         catalog: SQLAlchemy URL of the catalog. Default: env ``CKPTDB_URL``, else
             ``sqlite:///<checkpoint_dir>/catalog.db``.
         run: the run's name in the catalog. Default: the absolute path of ``checkpoint_dir``.
-        gang: ``None`` (one process), a ``torch.distributed`` ProcessGroup, or a ckptdb gang.
+        gang: ``None`` (one process), a ``torch.distributed`` ProcessGroup, or a ckptdb gang; the
+            only argument besides ``checkpoint_dir`` that may be given by position
+            (``FileCheckpointManager(checkpoint_dir, gang)``, as fairseq2 calls it); every other
+            one is keyword-only.
         dp_gang, tp_gang: data- and tensor-parallel gangs (fairseq2's per-rank layout); given
             together.
         save_options, load_options, recovery_options: see :mod:`ckptdb.options`.
@@ -151,10 +154,10 @@ class FileCheckpointManager:
     def __init__(
         self,
         checkpoint_dir: Path | str,
+        gang: Any = None,
         *,
         catalog: str | None = None,
         run: str | None = None,
-        gang: Any = None,
         dp_gang: Any = None,
         tp_gang: Any = None,
         save_options: SaveOptions | None = None,
@@ -162,6 +165,11 @@ class FileCheckpointManager:
         recovery_options: RecoveryOptions | None = None,
         retention: Any = None,
     ) -> None:
+        if isinstance(gang, str | os.PathLike):
+            raise InvalidArgumentError(
+                f"FileCheckpointManager's second positional argument is the gang, not a {type(gang).__name__}: "
+                "pass the catalog URL as catalog=..."
+            )
         self.checkpoint_dir = Path(checkpoint_dir).expanduser().resolve()
         self.gang: Gang = as_gang(gang)
         if (dp_gang is None) != (tp_gang is None):
