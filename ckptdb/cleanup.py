@@ -161,8 +161,8 @@ def gc(
     checkpoints whose files vanished ``missing``, and list (with ``remove_unknown``: remove) step
     directories the catalog does not know; for ``run_names`` or every run of the catalog.
 
-    A pending checkpoint whose writer is alive (same host: its pid and start time; another
-    host: a heartbeat younger than ``stale_after``) is never touched.
+    A pending checkpoint whose writer is alive (same host, boot and pid namespace: its pid and
+    start time; another host or container: a heartbeat younger than ``stale_after``) is never touched.
     """
     names = list(run_names) if run_names else [r["run"] for r in catalog.list_runs()]
     rep = GcReport(dry_run=dry_run)

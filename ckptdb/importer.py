@@ -264,6 +264,8 @@ def import_directory(
         ckptdb_version=__version__,
         torch_version="unknown",
         python_version=platform.python_version(),
+        boot_id=_proc.boot_id(),
+        pid_ns=_proc.pid_namespace(),
     )
     for found in steps:
         if found.step_nr in known:

@@ -140,7 +140,10 @@ class FileCheckpointManager:
         catalog: SQLAlchemy URL of the catalog. Default: env ``CKPTDB_URL``, else
             ``sqlite:///<checkpoint_dir>/catalog.db``.
         run: the run's name in the catalog. Default: the absolute path of ``checkpoint_dir``.
-        gang: ``None`` (one process), a ``torch.distributed`` ProcessGroup, or a ckptdb gang.
+        gang: ``None`` (one process), a ``torch.distributed`` ProcessGroup, or a ckptdb gang; the
+            only argument besides ``checkpoint_dir`` that may be given by position
+            (``FileCheckpointManager(checkpoint_dir, gang)``, as fairseq2 calls it); every other
+            one is keyword-only.
         dp_gang, tp_gang: data- and tensor-parallel gangs (fairseq2's per-rank layout); given
             together.
         save_options, load_options, recovery_options: see :mod:`ckptdb.options`.
@@ -152,10 +155,10 @@ class FileCheckpointManager:
     def __init__(
         self,
         checkpoint_dir: Path | str,
+        gang: Any = None,
         *,
         catalog: str | None = None,
         run: str | None = None,
-        gang: Any = None,
         dp_gang: Any = None,
         tp_gang: Any = None,
         save_options: SaveOptions | None = None,
@@ -163,6 +166,11 @@ class FileCheckpointManager:
         recovery_options: RecoveryOptions | None = None,
         retention: Any = None,
     ) -> None:
+        if isinstance(gang, str | os.PathLike):
+            raise InvalidArgumentError(
+                f"FileCheckpointManager's second positional argument is the gang, not a {type(gang).__name__}: "
+                "pass the catalog URL as catalog=..."
+            )
         self.checkpoint_dir = Path(checkpoint_dir).expanduser().resolve()
         self.gang: Gang = as_gang(gang)
         if (dp_gang is None) != (tp_gang is None):
@@ -247,6 +255,8 @@ class FileCheckpointManager:
             torch_version=torch.__version__,
             python_version=platform.python_version(),
             world_size=self.gang.size,
+            boot_id=_proc.boot_id(),
+            pid_ns=_proc.pid_namespace(),
         )
 
     def _require_open(self) -> _Open:
@@ -262,6 +272,10 @@ class FileCheckpointManager:
 
     def begin_checkpoint(self, step_nr: int, *, overwrite: bool = False) -> None:
         """Start checkpoint ``step_nr``: a 'pending' catalog row, then a temporary directory.
+
+        A step whose checkpoint is damaged (``corrupt`` or ``missing``, e.g. after
+        ``load_last_checkpoint`` fell back past it) may be saved again without ``overwrite``: the
+        commit supersedes the damaged copy, whose files stay in place until then.
 
         Raises:
             InvalidOperationError: a checkpoint is already open.
@@ -323,10 +337,26 @@ class FileCheckpointManager:
         if not final.exists():
             return
         owner = read_owner(final)
-        if owner is not None and owner in self.catalog.by_tokens([owner]):
-            return  # ours: the catalog decides (CheckpointExistsError unless overwrite)
         live = self.catalog.live(self._run.id, step_nr)
+        # saving a damaged step again needs no overwrite=True: step_N must then be the damaged copy
+        resave = not overwrite and live is not None and live.state in (State.CORRUPT.value, State.MISSING.value)
+        if owner is not None and owner in self.catalog.by_tokens([owner]):
+            if resave and live is not None and owner != live.token:
+                raise CheckpointExistsError(
+                    f"{str(final)!r} belongs to another catalog row (token {owner}), not to step {step_nr}'s "
+                    f"{live.state} checkpoint; move it away or pass overwrite=True to replace it",
+                    step_nr=step_nr,
+                )
+            return  # ours: the catalog decides (CheckpointExistsError unless overwrite or damaged)
         if live is not None and owner is None:
+            if resave and live.state == State.MISSING.value:
+                # the catalog's copy went missing and a directory without a token stands in its place:
+                # it may be anyone's (ckptdb never deletes files it did not write)
+                raise CheckpointExistsError(
+                    f"{str(final)!r} has no .ckptdb_token and step {step_nr}'s checkpoint is missing: it may "
+                    f"not be the catalog's copy; move it away, or pass overwrite=True to replace it",
+                    step_nr=step_nr,
+                )
             return  # an adopted (imported) directory
         raise CheckpointExistsError(
             f"{str(final)!r} exists but the catalog has no checkpoint for it; adopt it with "
@@ -500,6 +530,7 @@ class FileCheckpointManager:
                 op.writer.write_torch(layout.metadata_file(*self._sfx), data, rank=self.gang.rank, kind="metadata")
 
         self._write_all(op, "save_metadata", write)
+        self._heartbeat(op)
 
     def save_score(self, score: float | None, *, metric: str = "score") -> None:
         """Record a score for the open checkpoint (several named metrics allowed).
@@ -514,7 +545,9 @@ class FileCheckpointManager:
 
     def _heartbeat(self, op: _Open) -> None:
         # At most one heartbeat transaction a minute: it only has to beat RecoveryOptions.stale_after
-        # (hours), and each one is a synchronous catalog write on the save's critical path.
+        # (hours), and each one is a synchronous catalog write on the save's critical path. It is
+        # what keeps a writer that others cannot check by pid (another host, another container on
+        # this host) alive in their eyes: written by begin, save_state, save_metadata and commit.
         if time.monotonic() - op.last_beat < _HEARTBEAT_EVERY_S:
             return
         op.last_beat = time.monotonic()
@@ -560,6 +593,7 @@ class FileCheckpointManager:
         return self._background.wait(timeout)
 
     def _commit(self, op: _Open) -> None:
+        self._heartbeat(op)  # the staged writes and fsyncs below may take long: start them with a fresh beat
         if op.staged:
             staged, op.staged = op.staged, []
 

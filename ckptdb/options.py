@@ -64,8 +64,15 @@ class RecoveryOptions:
 
     Attributes:
         on_open: run recovery when the manager opens (roll back dead writers, remove debris).
-        stale_after: a pending checkpoint of a writer on *another host* is considered dead when
-            its heartbeat is older than this (writers on this host are checked by pid).
+        stale_after: a pending checkpoint whose writer cannot be checked by pid is considered
+            dead when its heartbeat is older than this. Pids are checked only for writers on this
+            host, this boot and in this pid namespace; a writer on another host or in another
+            container (another pid namespace, e.g. containers sharing the node's hostname) is
+            judged by its heartbeat, written by ``begin_checkpoint``, ``save_state``,
+            ``save_metadata`` and ``commit_checkpoint`` (at most once a minute). Such a writer
+            that stays longer than this between two of those calls (idle between begin and commit,
+            or one save or commit taking that long) is rolled back, and its commit then fails:
+            keep it well above your longest save.
     """
 
     on_open: bool = True

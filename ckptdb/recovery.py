@@ -58,14 +58,18 @@ class RecoveryReport:
 
 
 def writer_alive(c: CheckpointInfo, stale_after: timedelta, now_fn: Callable[[], object]) -> bool:
-    """Is the process that owns a pending row still running?"""
-    if c.writer_host == _proc.hostname() and c.writer_pid == os.getpid():
-        with _active_lock:
-            return c.token in _active_tokens
-    alive = _proc.is_alive(c.writer_host, c.writer_pid, c.writer_start_time)
-    if alive is not None:
-        return alive
-    # another host: trust its heartbeat for stale_after
+    """Is the process that owns a pending row still running?
+
+    By pid only when the writer ran on this host, this boot and in our pid namespace (all three
+    recorded on the row and equal to ours); otherwise (another host, another container on this
+    host, a row without the identity columns) by its heartbeat: alive while younger than
+    ``stale_after``.
+    """
+    if _proc.same_pid_space(c.writer_host, c.writer_boot_id, c.writer_pid_ns):
+        if c.writer_pid == os.getpid():
+            with _active_lock:
+                return c.token in _active_tokens
+        return _proc.is_alive(c.writer_pid, c.writer_start_time)
     return (now_fn() - c.heartbeat_at) < stale_after  # type: ignore[operator]
 
 

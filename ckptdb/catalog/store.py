@@ -39,6 +39,7 @@ from ckptdb.errors import (
 )
 
 _LIVE = [s.value for s in LIVE_STATES]
+_DAMAGED = (State.CORRUPT, State.MISSING)
 
 
 def _score_columns(value: float) -> tuple[float | None, str]:
@@ -52,6 +53,8 @@ def _writer_columns(writer: WriterInfo) -> dict[str, Any]:
         "writer_host": writer.host,
         "writer_pid": writer.pid,
         "writer_start_time": writer.start_time,
+        "writer_boot_id": writer.boot_id,
+        "writer_pid_ns": writer.pid_ns,
         "ckptdb_version": writer.ckptdb_version,
         "torch_version": writer.torch_version,
         "python_version": writer.python_version,
@@ -94,6 +97,8 @@ def _ckpt_info(c: Checkpoint, scores: Mapping[str, float | None] | None = None) 
         write_seconds=c.write_seconds,
         sync_seconds=c.sync_seconds,
         commit_seconds=c.commit_seconds,
+        writer_boot_id=c.writer_boot_id,
+        writer_pid_ns=c.writer_pid_ns,
     )
 
 
@@ -250,7 +255,9 @@ class Catalog:
                     f"step {step_nr} is already being written by {pending.writer_host} pid {pending.writer_pid}"
                 )
             live = next((r for r in rows if State(r.state).value in _LIVE), None)
-            if live is not None and not overwrite:
+            # a damaged copy (corrupt, missing) does not block saving the step again: the new
+            # commit supersedes it (its files are set aside until then, as for an overwrite)
+            if live is not None and not overwrite and State(live.state) not in _DAMAGED:
                 raise CheckpointExistsError(
                     f"step {step_nr} already has a {State(live.state).value} checkpoint; pass "
                     "overwrite=True to replace it (the old copy is kept until the new one commits)",
@@ -314,7 +321,10 @@ class Catalog:
                 )
             ).all()
             old = next((o for o in others if State(o.state).value in _LIVE), None)
-            if old is not None:
+            if old is not None and State(old.state) in _DAMAGED:
+                why = f"replaced by a new save after damage ({State(old.state).value}): checkpoint #{ckpt_id}"
+                self._move(s, old.id, [State(old.state)], State.SUPERSEDED, reason=why, who=who, delete_reason=why)
+            elif old is not None:
                 self._move(
                     s,
                     old.id,

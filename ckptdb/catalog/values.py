@@ -38,6 +38,8 @@ class WriterInfo:
     torch_version: str
     python_version: str
     world_size: int = 1
+    boot_id: str | None = None  # /proc/sys/kernel/random/boot_id: pids of another boot mean nothing
+    pid_ns: int | None = None  # inode of the writer's pid namespace: pids of another container mean nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,3 +91,5 @@ class CheckpointInfo:
     write_seconds: float | None = None
     sync_seconds: float | None = None
     commit_seconds: float | None = None
+    writer_boot_id: str | None = None
+    writer_pid_ns: int | None = None

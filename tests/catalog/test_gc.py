@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from ckptdb import FileCheckpointManager
+from ckptdb import FileCheckpointManager, _proc
 from ckptdb.catalog import WriterInfo
 from ckptdb.cleanup import gc
 from ckptdb.cli import main
@@ -47,7 +47,9 @@ def test_gc_dry_run_then_for_real(tmp_path: Path, catalog_url: str, capsys: pyte
     # an interrupted deletion: claimed, files still there
     cat.mark_deleting(cat.live(run.id, 1).id, "manual", who, preserve_model=False)  # type: ignore[union-attr]
     # a dead writer's pending checkpoint and its temporary directory
-    w = WriterInfo(platform.node(), dead_pid(), None, "t", "t", "t")
+    w = WriterInfo(
+        platform.node(), dead_pid(), None, "t", "t", "t", boot_id=_proc.boot_id(), pid_ns=_proc.pid_namespace()
+    )
     dead = cat.begin(run.id, 7, "dead0000beef0001", "step_7", w, hash_algorithm="xxh3_128", overwrite=False)
     (d / layout.tmp_dir_name(7, dead.token)).mkdir()
     # a live writer (this process) mid-save

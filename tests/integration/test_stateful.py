@@ -72,7 +72,7 @@ class CheckpointMachine(RuleBasedStateMachine):
             with pytest.raises(InvalidOperationError):
                 self.m.begin_checkpoint(step)
             return
-        if (step in self.committed or step in self.damaged) and not overwrite:
+        if step in self.committed and not overwrite:  # a damaged step is saved again freely
             with pytest.raises(CheckpointExistsError):
                 self.m.begin_checkpoint(step)
             return
