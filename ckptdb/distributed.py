@@ -82,11 +82,19 @@ class TorchGang:
 
 
 def as_gang(gang: Any) -> Gang:
-    """``None`` -> one process; a ``ProcessGroup`` -> :class:`TorchGang`; a gang -> itself."""
+    """``None`` -> one process; a ``ProcessGroup`` -> :class:`TorchGang`; a gang -> itself.
+
+    A fairseq2 ``Gang`` (it has ``as_process_group()``, not ckptdb's collectives) is accepted too:
+    one of size 1 (fairseq2's ``FakeGang``) is one process, any other is its process group.
+    """
     if gang is None:
         return LocalGang()
     if isinstance(gang, Gang):
         return gang
+    if callable(getattr(gang, "as_process_group", None)):
+        if getattr(gang, "size", None) == 1:
+            return LocalGang()
+        return TorchGang(gang.as_process_group())
     return TorchGang(gang)
 
 
