@@ -597,24 +597,33 @@ class FileCheckpointManager:
                 raise self._fail(op, "commit_checkpoint", e) from e
             timings = SaveTimings(op.stage_seconds, op.writer.write_seconds, op.writer.sync_seconds, commit_started)
             moved: bool | None = None  # None: not published
+            publishing = False
             try:
                 # publish (renames) + catalog commit under the run's lock: recovery, gc and delete
                 # re-check rows under the same lock, so none acts between the rename and the commit
                 with self.catalog.run_lock(self._run.id):
                     row = self.catalog.by_tokens([op.token]).get(op.token)
                     if row is None or row.state != State.PENDING.value:
+                        publishing = True  # (its own message, below)
                         raise CheckpointError(
                             f"step {op.step_nr}: the pending checkpoint was rolled back by another process "
                             f"({row.state if row else 'row gone'}); nothing was published, "
                             "earlier checkpoints are intact"
                         )
+                    publishing = True
                     moved = publish(self.checkpoint_dir, op.step_nr, op.token, fsync=self.save_options.fsync)
                     info = self.catalog.commit(
                         op.info.id, files.values(), op.scores, op.user_metadata, self._who, timings=timings
                     )
             except CheckpointError as e:
-                if moved is None:  # nothing published (publish put back whatever it had moved)
-                    raise self._fail(op, "commit_checkpoint", e) from e
+                if moved is None and publishing:
+                    raise self._fail(op, "commit_checkpoint", e) from e  # publish put back what it had moved
+                if moved is None:  # the catalog failed before anything was published
+                    err = CheckpointError(
+                        f"step {op.step_nr}: the catalog commit failed ({e}); the checkpoint was not committed "
+                        "and earlier checkpoints are intact"
+                    )
+                    raise self._fail(op, "commit_checkpoint", err) from e
                 committed = self._undo_publish(op, moved)
                 if committed is None:
                     raise CheckpointError(
