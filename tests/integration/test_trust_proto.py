@@ -316,9 +316,9 @@ def test_old_copy_kept_when_the_committed_replacement_does_not_verify(tmp_path: 
     victim.write_bytes(victim.read_bytes()[:100])
     (d / "step_1" / ".ckptdb_token").unlink()
     rep = m.recover()
-    assert rep is not None and f"step_1.old-{token}" in rep.kept, rep
     old = d / f"step_1.old-{token}"
-    assert old.is_dir()
+    assert old.is_dir(), rep
+    assert rep is not None and f"step_1.old-{token}" in rep.kept, rep
     # the set-aside data is the whole committed copy of before
     import torch
 
