@@ -623,7 +623,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
         remove_unknown=args.remove_unknown,
         progress=None if args.json else _progress("gc"),
     )
-    fields = ["rolled_back", "deletions_finished", "restored", "removed", "marked_missing", "foreign", "live_writers"]
+    fields = [
+        "rolled_back",
+        "deletions_finished",
+        "restored",
+        "removed",
+        "marked_missing",
+        "foreign",
+        "live_writers",
+        "kept",
+    ]
     if args.json:
         _print_json(
             {
@@ -642,6 +651,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         "marked_missing": f"committed checkpoints whose files vanished, {would}marked missing",
         "foreign": "step directories the catalog does not know" + ("" if args.remove_unknown else " (kept)"),
         "live_writers": "pending checkpoints of live writers (left alone)",
+        "kept": "set-aside copies kept (their replacement is not committed-and-verified; see the log)",
     }
     for name, r in rep.runs.items():
         lines = [f"  {labels[f]}: {', '.join(map(str, getattr(r, f)))}" for f in fields if getattr(r, f)]

@@ -76,6 +76,7 @@ from ckptdb.recovery import (
     read_owner,
     recover_run,
     release_token,
+    set_aside_copy,
 )
 from ckptdb.storage import dcp as sharded_io
 from ckptdb.storage import layout
@@ -83,7 +84,16 @@ from ckptdb.storage.hashing import new_hasher
 from ckptdb.storage.reader import check_files, load_torch
 from ckptdb.storage.safety import check_weights_only_safe
 from ckptdb.storage.staging import StagingArea
-from ckptdb.storage.writer import FileRecord, StepWriter, TorchFile, publish, remove_tree, write_text_atomic
+from ckptdb.storage.writer import (
+    FileRecord,
+    StepWriter,
+    TorchFile,
+    committed_copy_whereabouts,
+    publish,
+    remove_tree,
+    unpublish,
+    write_text_atomic,
+)
 
 log = logging.getLogger("ckptdb")
 T = TypeVar("T")
@@ -624,24 +634,51 @@ class FileCheckpointManager:
                     files[r.path] = ShardInfo(r.path, r.size_bytes, r.hash_algorithm, r.digest, r.rank, r.kind)
             try:
                 op.writer.finalize()
-                moved = publish(self.checkpoint_dir, op.step_nr, op.token, fsync=self.save_options.fsync)
             except OSError as e:
                 raise self._fail(op, "commit_checkpoint", e) from e
             timings = SaveTimings(op.stage_seconds, op.writer.write_seconds, op.writer.sync_seconds, commit_started)
+            moved: bool | None = None  # None: not published
+            publishing = False
             try:
-                info = self.catalog.commit(
-                    op.info.id, files.values(), op.scores, op.user_metadata, self._who, timings=timings
-                )
+                # publish (renames) + catalog commit under the run's lock: recovery, gc and delete
+                # re-check rows under the same lock, so none acts between the rename and the commit
+                with self.catalog.run_lock(self._run.id):
+                    row = self.catalog.by_tokens([op.token]).get(op.token)
+                    if row is None or row.state != State.PENDING.value:
+                        publishing = True  # (its own message, below)
+                        raise CheckpointError(
+                            f"step {op.step_nr}: the pending checkpoint was rolled back by another process "
+                            f"({row.state if row else 'row gone'}); nothing was published, "
+                            "earlier checkpoints are intact"
+                        )
+                    publishing = True
+                    moved = publish(self.checkpoint_dir, op.step_nr, op.token, fsync=self.save_options.fsync)
+                    info = self.catalog.commit(
+                        op.info.id, files.values(), op.scores, op.user_metadata, self._who, timings=timings
+                    )
             except CheckpointError as e:
-                self._undo_publish(op, moved)
-                raise CheckpointError(
-                    f"step {op.step_nr}: the catalog commit failed ({e}); the checkpoint was not committed "
-                    "and earlier checkpoints are intact"
-                ) from e
+                if moved is None and publishing:
+                    raise self._fail(op, "commit_checkpoint", e) from e  # publish put back what it had moved
+                if moved is None:  # the catalog failed before anything was published
+                    err = CheckpointError(
+                        f"step {op.step_nr}: the catalog commit failed ({e}); the checkpoint was not committed "
+                        "and earlier checkpoints are intact"
+                    )
+                    raise self._fail(op, "commit_checkpoint", err) from e
+                committed = self._undo_publish(op, moved)
+                if committed is None:
+                    raise CheckpointError(
+                        f"step {op.step_nr}: the catalog commit failed ({e}); the checkpoint was not committed "
+                        "and earlier checkpoints are intact"
+                    ) from e
+                info = committed  # the COMMIT reached the catalog although the call failed
             if moved:
-                remove_tree(
-                    self.checkpoint_dir / layout.old_dir_name(op.step_nr, op.token), fsync=self.save_options.fsync
-                )
+                try:
+                    remove_tree(
+                        self.checkpoint_dir / layout.old_dir_name(op.step_nr, op.token), fsync=self.save_options.fsync
+                    )
+                except OSError as e:  # the commit stands; recovery removes the superseded copy
+                    log.warning("ckptdb: could not remove the superseded copy of step %d: %s", op.step_nr, e)
             return info
 
         try:
@@ -655,22 +692,31 @@ class FileCheckpointManager:
             except CheckpointError as e:  # the commit stands; the next commit (or gc) prunes
                 log.warning("ckptdb: retention after step %d failed: %s", op.step_nr, e)
 
-    def _undo_publish(self, op: _Open, moved: bool) -> None:
-        """The catalog commit failed after the rename: put the directories back if the row is still ours."""
+    def _undo_publish(self, op: _Open, moved: bool) -> CheckpointInfo | None:
+        """The catalog commit failed after the rename: put the directories back if the row is not committed.
+
+        Returns the row when it turns out committed (the COMMIT reached the catalog); None when the
+        publish was undone (or left to recovery: catalog unreachable). Raises CheckpointError saying
+        where the committed copy is when a rename back fails.
+        """
         try:
-            rows = self.catalog.by_tokens([op.token])
-        except CheckpointError:
-            return  # catalog unreachable: the next open's recovery decides from the row
-        row = rows.get(op.token)
-        if row is not None and row.state == State.COMMITTED.value:
-            return
-        final = self.checkpoint_dir / layout.step_dir_name(op.step_nr)
-        if read_owner(final) == op.token:
-            remove_tree(final, fsync=self.save_options.fsync)
-        if moved:
-            (self.checkpoint_dir / layout.old_dir_name(op.step_nr, op.token)).rename(final)
-        if row is not None and row.state == State.PENDING.value:
-            self.catalog.abort(row.id, "catalog commit failed", self._who)
+            with self.catalog.run_lock(self._run.id):  # decided and undone with no commit/recovery in between
+                row = self.catalog.by_tokens([op.token]).get(op.token)
+                if row is not None and row.state == State.COMMITTED.value:
+                    return row
+                unpublish(self.checkpoint_dir, op.step_nr, op.token, moved_aside=moved, fsync=self.save_options.fsync)
+                if row is not None and row.state == State.PENDING.value:
+                    self.catalog.abort(row.id, "catalog commit failed", self._who)
+        except CheckpointError as e:  # catalog unreachable: the next open's recovery decides from the row
+            log.warning("ckptdb: step %d: could not undo the publish (%s); recovery will", op.step_nr, e)
+            return None
+        except OSError as e:
+            raise CheckpointError(
+                f"step {op.step_nr}: the catalog commit failed and putting the directories back failed ({e}); "
+                + committed_copy_whereabouts(self.checkpoint_dir, op.step_nr, op.token, moved)
+            ) from e
+        op.writer.abort()  # the new copy, back at its temporary name
+        return None
 
     def abort_checkpoint(self) -> None:
         """Discard the open checkpoint: its temporary directory is removed, its row marked 'aborted'."""
@@ -704,6 +750,15 @@ class FileCheckpointManager:
         step_dir = self.checkpoint_dir / info.directory
         recs = [FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest) for s in shards]
         try:
+            owner = read_owner(step_dir)
+            if owner is not None and owner != info.token:  # another row's copy (an overwrite mid-way)
+                raise CheckpointCorruptError(
+                    info.step_nr,
+                    str(step_dir),
+                    f"the copy of checkpoint #{info.id}",
+                    "another checkpoint's copy",
+                    missing=True,
+                )
             check_files(step_dir, recs, info.step_nr, digest=verify == "digest")
         except CheckpointCorruptError as e:
             self._mark_damaged(info, e)
@@ -713,8 +768,10 @@ class FileCheckpointManager:
         if not self.is_coordinator:
             return
         step_dir = self.checkpoint_dir / info.directory
-        if e.missing and any(self.checkpoint_dir.glob(f"{layout.step_dir_name(info.step_nr)}.old-*")):
-            return  # an overwrite is mid-rename: not damage
+        aside = set_aside_copy(self.checkpoint_dir, info)
+        if aside is not None:  # its copy is set aside by an overwrite (or a failed one): not damage
+            log.warning("ckptdb: step %d: its committed copy is at %s (an overwrite stopped)", info.step_nr, aside)
+            return
         state = State.MISSING if (e.missing and not step_dir.exists()) else State.CORRUPT
         try:
             self.catalog.mark_damaged(info.id, state, str(e), self._who)
@@ -943,23 +1000,24 @@ class FileCheckpointManager:
         self._on_coordinator(lambda: self._delete(step_nr, missing_ok, preserve_model, reason), "delete_checkpoint")
 
     def _delete(self, step_nr: int, missing_ok: bool, preserve_model: bool, reason: str) -> None:
-        live = self.catalog.live(self._run.id, step_nr)
-        leftover = self.catalog.preserved_model(self._run.id, step_nr) if live is None else None
-        if leftover is not None and preserve_model:
-            return  # only its model is left already
-        if (live is None and leftover is None) or (live is not None and live.state == State.DELETING.value):
-            if missing_ok:
-                return
-            raise CheckpointNotFoundError(f"step {step_nr} has no committed checkpoint to delete", step_nr=step_nr)
-        if not os.access(self.checkpoint_dir, os.W_OK):
-            raise CheckpointError(f"step {step_nr}: {str(self.checkpoint_dir)!r} is read-only; nothing was deleted")
-        if leftover is not None:  # a preserved model's leftover: its model files go the same two-phase way
-            self.catalog.claim_model_only(leftover.id, reason, self._who)
-            info = dataclasses.replace(leftover, model_preserved=False, state=State.DELETING.value)
-        else:
-            assert live is not None
-            self.catalog.mark_deleting(live.id, reason, self._who, preserve_model=preserve_model)
-            info = dataclasses.replace(live, model_preserved=preserve_model)
+        with self.catalog.run_lock(self._run.id):  # the row claimed is the row read: no commit in between
+            live = self.catalog.live(self._run.id, step_nr)
+            leftover = self.catalog.preserved_model(self._run.id, step_nr) if live is None else None
+            if leftover is not None and preserve_model:
+                return  # only its model is left already
+            if (live is None and leftover is None) or (live is not None and live.state == State.DELETING.value):
+                if missing_ok:
+                    return
+                raise CheckpointNotFoundError(f"step {step_nr} has no committed checkpoint to delete", step_nr=step_nr)
+            if not os.access(self.checkpoint_dir, os.W_OK):
+                raise CheckpointError(f"step {step_nr}: {str(self.checkpoint_dir)!r} is read-only; nothing was deleted")
+            if leftover is not None:  # a preserved model's leftover: its model files go the same two-phase way
+                self.catalog.claim_model_only(leftover.id, reason, self._who)
+                info = dataclasses.replace(leftover, model_preserved=False, state=State.DELETING.value)
+            else:
+                assert live is not None
+                self.catalog.mark_deleting(live.id, reason, self._who, preserve_model=preserve_model)
+                info = dataclasses.replace(live, model_preserved=preserve_model)
         try:
             finish_delete(self.catalog, info, self.checkpoint_dir, self._who, fsync=self.save_options.fsync)
         except OSError as e:

@@ -20,9 +20,10 @@ from pathlib import Path
 from ckptdb import _proc
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo
 from ckptdb.catalog.models import State
-from ckptdb.errors import ConcurrentModificationError
+from ckptdb.errors import CheckpointCorruptError, ConcurrentModificationError
 from ckptdb.storage import layout
-from ckptdb.storage.writer import fsync_dir, remove_tree
+from ckptdb.storage.reader import check_files as check_file_records
+from ckptdb.storage.writer import FileRecord, fsync_dir, remove_trash, remove_tree, to_trash
 
 log = logging.getLogger("ckptdb.recovery")
 
@@ -51,6 +52,7 @@ class RecoveryReport:
     marked_missing: list[int] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)  # step directories the catalog does not know
     live_writers: list[int] = field(default_factory=list)  # pending steps of live writers (left alone)
+    kept: list[str] = field(default_factory=list)  # set-aside copies recovery may not remove (see the log)
 
     @property
     def changed(self) -> bool:
@@ -78,6 +80,19 @@ def read_owner(d: Path) -> str | None:
         return (d / layout.TOKEN_FILE).read_text().strip() or None
     except OSError:
         return None
+
+
+def set_aside_copy(checkpoint_dir: Path, info: CheckpointInfo) -> Path | None:
+    """The ``step_<N>.old-<T>`` directory holding ``info``'s copy (an overwrite by T set it aside and
+    did not finish), or None. Such a checkpoint is not damaged: recovery moves its copy back."""
+    for p in checkpoint_dir.glob(f"{layout.step_dir_name(info.step_nr)}.old-*"):
+        wd = layout.parse_work_dir(p.name)
+        if wd is None or wd.kind != "old" or not p.is_dir():
+            continue
+        o = read_owner(p)
+        if o == info.token or (o is None and wd.token != info.token):
+            return p
+    return None
 
 
 def recover_run(
@@ -124,7 +139,6 @@ def recover_run(
             _check_committed_files(catalog, run, checkpoint_dir, who, rep, dry_run=dry_run)
         return rep
     by_step: dict[int, list[Path]] = {}
-    named: dict[Path, str | None] = {}  # the token in a work directory's name
     for entry in os.scandir(checkpoint_dir):
         if not entry.is_dir(follow_symlinks=False):
             continue
@@ -137,15 +151,11 @@ def recover_run(
                 rep.removed.append(entry.name)
                 continue
             by_step.setdefault(wd.step_nr, []).append(p)
-            named[p] = wd.token
             continue
         step = layout.parse_step_dir(entry.name)
         if step is not None:
             by_step.setdefault(step, []).append(p)
 
-    # a writer creates step_N.tmp-<token>/ before it writes the token file inside: trust the name
-    owners = {p: read_owner(p) or named.get(p) for ps in by_step.values() for p in ps}
-    rows = catalog.by_tokens(t for t in owners.values() if t)
     for step, dirs in sorted(by_step.items()):
         if step in live_pending:
             continue  # a live writer is mid-protocol on this step: hands off
@@ -155,13 +165,12 @@ def recover_run(
             checkpoint_dir,
             step,
             dirs,
-            owners,
-            rows,
             who,
             rep,
             fsync=fsync,
             remove_foreign=remove_foreign,
             dry_run=dry_run,
+            alive=lambda c: writer_alive(c, stale_after, now),
         )
     if check_files:
         _check_committed_files(catalog, run, checkpoint_dir, who, rep, dry_run=dry_run)
@@ -201,122 +210,253 @@ def _check_committed_files(
             rep.marked_missing.append(c.step_nr)
 
 
+def _verified(catalog: Catalog, checkpoint_dir: Path, keeper: CheckpointInfo) -> bool:
+    """Do the keeper's files at ``step_<N>`` match the catalog (sizes and digests)?"""
+    step_dir = checkpoint_dir / layout.step_dir_name(keeper.step_nr)
+    recs = [FileRecord(x.path, x.size_bytes, x.hash_algorithm, x.digest) for x in catalog.shards(keeper.id)]
+    try:
+        check_file_records(step_dir, recs, keeper.step_nr, digest=True)
+    except (CheckpointCorruptError, OSError, ValueError) as e:
+        log.warning("ckptdb: step %d: the committed copy does not verify (%s)", keeper.step_nr, e)
+        return False
+    return True
+
+
+# rows whose existence proves that the overwrite they did was committed once
+_ONCE_COMMITTED = {
+    State.COMMITTED.value,
+    State.SUPERSEDED.value,
+    State.DELETING.value,
+    State.DELETED.value,
+}
+
+
 def _reconcile_step(
     catalog: Catalog,
     run: RunInfo,
     checkpoint_dir: Path,
     step: int,
     dirs: list[Path],
-    owners: dict[Path, str | None],
-    rows: dict[str, CheckpointInfo],
     who: tuple[str, int],
     rep: RecoveryReport,
     *,
     fsync: bool,
     remove_foreign: bool,
     dry_run: bool = False,
+    alive: Callable[[CheckpointInfo], bool],
+) -> None:
+    """Bring one step's directories in line with its rows.
+
+    Decided and done under the run's lock (:meth:`Catalog.run_lock`), from rows and owner tokens
+    read afresh there: a commit publishes under the same lock, so nothing it does can fall between
+    what this reads and what it does. Destructive acts are renames to ``step_<N>.trash-*``; the
+    trash is removed after the lock is released. Verifying a committed copy (hashing) happens
+    before the lock and counts only if the same row still holds the step under it.
+    """
+    final = checkpoint_dir / layout.step_dir_name(step)
+    if dirs == [final]:  # the common case: a committed step_N in place, nothing to do (no lock needed)
+        keeper = catalog.live(run.id, step)
+        o = read_owner(final)
+        if keeper is not None and o is not None and o == keeper.token:
+            return
+    verified_id: int | None = None
+    if any(d.name.startswith(f"{final.name}.old-") for d in dirs):
+        pre = catalog.live(run.id, step)  # an .old copy is removed only once its replacement verifies
+        if pre is not None and pre.state == State.COMMITTED.value and final.is_dir():
+            if _verified(catalog, checkpoint_dir, pre):
+                verified_id = pre.id
+    trash: list[Path] = []
+    with catalog.run_lock(run.id):
+        _reconcile_locked(
+            catalog,
+            run,
+            checkpoint_dir,
+            step,
+            dirs,
+            who,
+            rep,
+            trash,
+            fsync=fsync,
+            remove_foreign=remove_foreign,
+            dry_run=dry_run,
+            alive=alive,
+            verified_id=verified_id,
+        )
+    for t in trash:
+        _remove_quietly(t, fsync=fsync)
+
+
+def _reconcile_locked(
+    catalog: Catalog,
+    run: RunInfo,
+    checkpoint_dir: Path,
+    step: int,
+    dirs: list[Path],
+    who: tuple[str, int],
+    rep: RecoveryReport,
+    trash: list[Path],
+    *,
+    fsync: bool,
+    remove_foreign: bool,
+    dry_run: bool,
+    alive: Callable[[CheckpointInfo], bool],
+    verified_id: int | None,
 ) -> None:
     final = checkpoint_dir / layout.step_dir_name(step)
-    # directories owned by another run's rows are never ours to touch
-    mine = [
-        d
-        for d in dirs
-        if owners[d] is None or rows.get(owners[d] or "") is None or rows[owners[d] or ""].run_id == run.id
-    ]
+    for c in catalog.checkpoints(run.id, states=[State.PENDING.value], step_nr=step, with_scores=False):
+        if alive(c) or not dry_run:
+            return  # a writer began on this step since recovery looked: hands off
+    # what is there now (the listing may be stale): the listed work directories + step_N
+    present = [d for d in dirs if d != final and d.is_dir()]
+    if final.is_dir():
+        present.insert(0, final)
+    if not present:
+        keeper = catalog.live(run.id, step)
+        if keeper is not None and keeper.state == State.COMMITTED.value and not dry_run:
+            if catalog.mark_damaged(keeper.id, State.MISSING, "recovery: step directory is gone", who):
+                rep.marked_missing.append(step)
+        return
+    work = {d: layout.parse_work_dir(d.name) for d in present}
+    owner: dict[Path, str | None] = {}
+    for d in present:
+        o = read_owner(d)
+        wd = work[d]
+        if o is None and wd is not None and wd.kind == "tmp":
+            o = wd.token  # a writer creates step_N.tmp-<token>/ before it writes the token file: trust the name
+        owner[d] = o
+    olds = {d: wd.token for d, wd in work.items() if wd is not None and wd.kind == "old"}
+    rows = catalog.by_tokens([t for t in [*owner.values(), *olds.values()] if t])
+    if final in owner and owner[final] is None and olds:
+        # step_N beside step_N.old-<T>: only T's publish (the rename after the one that made .old-T)
+        # can have put it there, so it is T's copy whose token file a power loss took
+        named = [rows[t] for t in olds.values() if t in rows and rows[t].run_id == run.id]
+        if named:
+            owner[final] = max(named, key=lambda r: r.id).token
     keeper = catalog.live(run.id, step)
     if keeper is not None and keeper.state == State.DELETING.value:
-        return
+        return  # finish_delete's
     if keeper is None:
         keeper = catalog.preserved_model(run.id, step)
 
-    def owned_by_keeper(d: Path) -> bool:
+    def keepers(d: Path) -> bool:
         if keeper is None:
             return False
-        o = owners[d]
-        return o == keeper.token or (o is None and d == final and layout.parse_step_dir(d.name) is not None)
+        if owner[d] is not None:
+            return owner[d] == keeper.token
+        if d == final:
+            return True  # an adopted (imported) step_N carries no token file
+        # a tokenless step_N.old-<T> is the copy T set aside: the keeper's unless T is the keeper
+        return d in olds and olds[d] != keeper.token
 
-    keeper_dir = next((d for d in mine if d == final and owned_by_keeper(d)), None)
-    if keeper_dir is None and keeper is not None:
-        keeper_dir = next((d for d in mine if owned_by_keeper(d)), None)
-        if keeper_dir is not None:
-            if not keeper_dir.is_dir():
-                return  # renamed since the scan (a commit finishing): the listing is stale, leave the step
-            if final.exists():
-                o = owners.get(final) or read_owner(final)
-                if o == keeper.token:
-                    return  # the keeper reached its place since the scan
-                if o is not None and o in rows and rows[o].run_id == run.id:
-                    if not dry_run:
-                        remove_tree(final, fsync=fsync)
-                    rep.removed.append(final.name)
-                else:
-                    rep.foreign.append(final.name)
-                    return
-            rep.restored.append(step)
-            if dry_run:
+    def mine(d: Path) -> bool:
+        o = owner[d]
+        return o is None or o not in rows or rows[o].run_id == run.id
+
+    present = [d for d in present if mine(d)]  # another run's directories are never ours to touch
+    keeper_dir = final if final in present and keepers(final) else next((d for d in present if keepers(d)), None)
+    if keeper is not None and keeper_dir is not None and keeper_dir != final:
+        # the keeper's copy is set aside (an overwrite did not commit): move it back into place
+        if final in present:
+            o = owner[final]
+            row = rows.get(o) if o else None
+            if row is None or row.run_id != run.id or row.id == keeper.id:
+                rep.foreign.append(final.name)  # not a copy this catalog can judge: leave the step alone
                 return
-            keeper_dir.rename(final)
-            if fsync:
-                fsync_dir(checkpoint_dir)
-            mine = [final if d == keeper_dir else d for d in mine]
-            owners[final] = keeper.token
-            keeper_dir = final
-        elif not final.exists() and keeper.state == State.COMMITTED.value:
-            if dry_run or catalog.mark_damaged(keeper.id, State.MISSING, "recovery: step directory is gone", who):
-                rep.marked_missing.append(step)
+            rep.removed.append(final.name)
+            if not dry_run:
+                trash.append(to_trash(final, step, fsync=False))
+        rep.restored.append(step)
+        if dry_run:
+            return
+        keeper_dir.rename(final)
+        if fsync:
+            fsync_dir(checkpoint_dir)
+        present = [final if d == keeper_dir else d for d in present if d != final]
+        owner[final] = keeper.token
+        keeper_dir = final
+    elif keeper is not None and keeper_dir is None and final not in present and keeper.state == State.COMMITTED.value:
+        if dry_run or catalog.mark_damaged(keeper.id, State.MISSING, "recovery: step directory is gone", who):
+            rep.marked_missing.append(step)
 
-    for d in mine:
+    for d in present:
         if d == keeper_dir:
             continue
-        o = owners[d]
-        if o is None:
-            # no token seen: look again; a directory renamed away meanwhile (a concurrent
-            # deletion or commit) is not ours to judge
-            o = read_owner(d)
-            if o is None and not d.is_dir():
+        o = owner[d]
+        if d in olds:
+            # a copy set aside by the overwrite of token T: removed only when T's row says that
+            # overwrite committed and (T still holding the step) its files verify; else kept
+            t_row = rows.get(olds[d] or "")
+            o_row = rows.get(o) if o else None
+            if t_row is not None and t_row.state in _ONCE_COMMITTED and t_row.run_id == run.id:
+                holds = keeper is not None and t_row.id == keeper.id
+                replacement_ok = keeper_dir == final and verified_id == t_row.id and t_row.state == "committed"
+                if not holds or replacement_ok:
+                    rep.removed.append(d.name)
+                    if not dry_run:
+                        trash.append(to_trash(d, step, fsync=fsync))
+                    continue
+            elif o_row is not None and o_row.state == State.DELETED.value and not o_row.model_preserved:
+                rep.removed.append(d.name)  # its own row was deleted: the user asked for it to go
+                if not dry_run:
+                    trash.append(to_trash(d, step, fsync=fsync))
                 continue
-        if o is None:
-            # no token: a directory ckptdb did not write (a user's, or fairseq2's own `step_N.tmp`)
+            log.warning("ckptdb: keeping %s: recovery cannot prove it is safe to remove", d)
+            rep.kept.append(d.name)
+            continue
+        if o is None or o not in rows:
+            # no token (a user's directory, fairseq2's own `step_N.tmp`) or another catalog's
             rep.foreign.append(d.name)
             if remove_foreign:
-                if not dry_run:
-                    _remove_quietly(d, fsync=fsync)
                 rep.removed.append(d.name)
-            continue
-        if o not in rows:
-            rep.foreign.append(d.name)  # written by another catalog: leave it unless asked
-            if remove_foreign:
                 if not dry_run:
-                    _remove_quietly(d, fsync=fsync)
-                rep.removed.append(d.name)
+                    trash.append(to_trash(d, step, fsync=fsync))
             continue
-        row = rows.get(o or "")
-        if row is not None and row.state == State.PENDING.value:
+        if rows[o].state == State.PENDING.value and alive(rows[o]):
             continue  # pending of a writer judged alive elsewhere: never touch
+        if rows[o].state in (State.COMMITTED.value, State.CORRUPT.value, State.MISSING.value):
+            continue  # a live row's copy (not this step's keeper: never ours to remove)
         rep.removed.append(d.name)
         if not dry_run:
-            _remove_quietly(d, fsync=fsync)
+            trash.append(to_trash(d, step, fsync=fsync))
 
 
 def finish_delete(
     catalog: Catalog, c: CheckpointInfo, checkpoint_dir: Path, who: tuple[str, int], *, fsync: bool = True
 ) -> list[str]:
-    """Phase 2 and 3 of a deletion: remove the files, then mark the row deleted."""
+    """Phase 2 and 3 of a deletion: remove the files, then mark the row deleted.
+
+    Under the run's lock, the row is re-read (it must still be ``deleting``) and the directory's
+    owner token checked just before the directory is renamed to trash (or, with
+    ``model_preserved``, its non-model files unlinked) and the row marked deleted; the trash is
+    removed after the lock is released.
+    """
     step_dir = checkpoint_dir / c.directory
     kept: list[str] = []
-    owner = read_owner(step_dir) if step_dir.exists() else None
-    if step_dir.exists() and owner not in (None, c.token):
-        step_dir = None  # type: ignore[assignment]  # someone else's copy now lives there: not ours
-    if c.model_preserved and step_dir is not None and step_dir.is_dir():
-        kept = [s.path for s in catalog.shards(c.id) if layout.kept_with_model(s.path)]
-    try:
-        _remove_files(c, step_dir, kept, fsync=fsync)
-    except FileNotFoundError:
-        pass  # a concurrent finisher (gc, a reopened manager) got there first
-    try:
-        catalog.mark_deleted(c.id, who, kept_paths=kept)
-    except ConcurrentModificationError:
-        pass  # another process finished it first
+    trash: Path | None = None
+    with catalog.run_lock(c.run_id):
+        now = catalog.by_tokens([c.token]).get(c.token)
+        if now is None or now.state != State.DELETING.value:
+            return []  # finished by another process, or superseded by a commit: not ours any more
+        target: Path | None = None
+        if step_dir.is_dir():
+            owner = read_owner(step_dir)
+            if owner == c.token or (owner is None and set_aside_copy(checkpoint_dir, c) is None):
+                target = step_dir
+        aside = set_aside_copy(checkpoint_dir, c) if target is None else None
+        if aside is not None and read_owner(aside) == c.token:
+            target = aside  # its copy was set aside by an overwrite that did not commit
+        if target is not None:
+            if now.model_preserved and target == step_dir:
+                kept = [s.path for s in catalog.shards(c.id) if layout.kept_with_model(s.path)]
+                _remove_files(now, step_dir, kept, fsync=fsync)
+            else:
+                trash = to_trash(target, c.step_nr, fsync=fsync)
+        try:
+            catalog.mark_deleted(c.id, who, kept_paths=kept)
+        except ConcurrentModificationError:
+            pass  # another process finished it first
+    if trash is not None:
+        remove_trash(trash)
     return kept
 
 

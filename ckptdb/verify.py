@@ -253,6 +253,11 @@ def _busy(catalog: Catalog, run: RunInfo, info: CheckpointInfo) -> str | None:
         return "replaced or deleted during verification"
     if now.state == State.DELETING.value:
         return "being deleted"
+    from ckptdb.recovery import set_aside_copy
+
+    aside = set_aside_copy(Path(run.checkpoint_dir), now)
+    if aside is not None:  # never damage: an overwrite set the copy aside and did not finish
+        return f"its copy is set aside in {aside.name} (the next open or `ckptdb gc` moves it back)"
     pending = [c for c in catalog.in_states(run.id, [State.PENDING]) if c.step_nr == info.step_nr]
     if pending:
         return "being overwritten (a pending checkpoint of the same step exists)"

@@ -141,6 +141,23 @@ class CatalogSession:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = get_engine(url)
+        self._held = threading.local()  # .session: the transaction a `held()` block of this thread runs
+
+    @contextmanager
+    def held(self) -> Iterator[Session]:
+        """One transaction that every :meth:`transaction` of this thread joins until the block ends.
+
+        Used to hold a lock (``Catalog.run_lock``) across several catalog calls and the filesystem
+        steps between them: one commit at the end, one rollback on error.
+        """
+        if getattr(self._held, "session", None) is not None:
+            raise RuntimeError("ckptdb: a held catalog transaction is already open in this thread")
+        with self.transaction() as s:
+            self._held.session = s
+            try:
+                yield s
+            finally:
+                self._held.session = None
 
     @property
     def dialect(self) -> str:
@@ -148,7 +165,21 @@ class CatalogSession:
 
     @contextmanager
     def transaction(self, *, readonly: bool = False) -> Iterator[Session]:
-        """One transaction: committed on success, rolled back (and translated) on error."""
+        """One transaction: committed on success, rolled back (and translated) on error.
+
+        Inside a :meth:`held` block of the same thread, this joins that transaction instead.
+        """
+        joined: Session | None = getattr(self._held, "session", None)
+        if joined is not None:
+            try:
+                joined.flush()
+                joined.expunge_all()  # read rows afresh: bulk updates do not refresh loaded objects
+                yield joined
+                joined.flush()
+                joined.expunge_all()
+            except exc.SQLAlchemyError as e:
+                raise translate(e, self.url) from e
+            return
         try:
             with self.engine.connect() as conn:
                 if readonly:

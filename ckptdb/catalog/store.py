@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -158,6 +159,24 @@ class Catalog:
             raise ConcurrentModificationError(f"checkpoint #{ckpt_id} changed under us")
         Catalog._event(s, ckpt_id, State(row).value, to.value, reason, who)
         return State(row).value
+
+    # -- the run lock -------------------------------------------------------------------------
+
+    @contextmanager
+    def run_lock(self, run_id: int) -> Iterator[None]:
+        """Hold the run's write lock for the block: one transaction that every call of this catalog
+        in this thread joins (committed at the end of the block, rolled back on error).
+
+        SQLite: ``BEGIN IMMEDIATE`` (the database's write lock); PostgreSQL: ``SELECT ... FOR NO KEY
+        UPDATE`` on the run row. A commit's publish (the renames + the catalog commit) and every
+        destructive step of recovery, gc and delete run inside it, after re-reading the rows they act
+        for, so one never acts on what the other has changed since it looked (docs/architecture.md).
+        Keep the block short: filesystem renames and catalog statements only, never an ``rmtree``.
+        """
+        with self.db.held() as s:
+            s.execute(select(Run.id).where(Run.id == run_id))  # SQLite: starts BEGIN IMMEDIATE
+            self._lock_run(s, run_id)
+            yield
 
     # -- runs ---------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ckptdb.errors import InvalidOperationError
+from ckptdb.errors import CheckpointError, InvalidOperationError
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import Hasher, new_hasher
 
@@ -228,7 +228,17 @@ class StepWriter:
         """Create the temporary directory (``create=False``: it was made by another rank)."""
         if create:
             self.tmp_dir.mkdir(parents=False, exist_ok=False)
-            (self.tmp_dir / layout.TOKEN_FILE).write_text(self.token + "\n")
+            # recovery decides whose copy a directory is by this file: it must survive a power loss
+            # as surely as the payload (its directory entry is made durable by finalize())
+            fd = os.open(
+                self.tmp_dir / layout.TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+            )
+            try:
+                _write_all(fd, memoryview((self.token + "\n").encode()))
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _open_file(self, relpath: str) -> Path:
         if relpath in self.records:
@@ -313,23 +323,105 @@ class StepWriter:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
+def read_token(d: Path) -> str | None:
+    """The owner token in a directory's ``.ckptdb_token``, or None (no file, unreadable, empty)."""
+    try:
+        return (d / layout.TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def publish(checkpoint_dir: Path, step_nr: int, token: str, *, fsync: bool = True) -> bool:
-    """Rename ``step_<N>.tmp-<token>`` to ``step_<N>``.
+    """Rename ``step_<N>.tmp-<token>`` to ``step_<N>``; fsync ``checkpoint_dir``.
 
     When ``step_<N>`` already exists (an overwrite of a committed step), it is first renamed to
     ``step_<N>.old-<token>``; the caller removes that copy only after the catalog commit.
     Returns True when an old copy was moved aside.
+
+    Raises:
+        CheckpointError: a rename or the directory fsync failed. Whatever had moved was put back
+            first (the new copy to ``step_<N>.tmp-<token>``, the committed copy to ``step_<N>``);
+            the message says where the committed copy is when putting it back failed too.
     """
     tmp = checkpoint_dir / layout.tmp_dir_name(step_nr, token)
     final = checkpoint_dir / layout.step_dir_name(step_nr)
+    old = checkpoint_dir / layout.old_dir_name(step_nr, token)
     moved_aside = False
     if final.exists():
-        final.rename(checkpoint_dir / layout.old_dir_name(step_nr, token))
+        try:
+            final.rename(old)
+        except OSError as e:
+            if final.exists() or not old.is_dir():  # the rename did not happen: nothing moved
+                raise CheckpointError(
+                    f"step {step_nr}: moving the committed copy aside failed ({e}); nothing was changed, "
+                    f"the committed copy is intact in {str(final)!r}"
+                ) from e
         moved_aside = True
-    tmp.rename(final)
+    try:
+        tmp.rename(final)
+        if fsync:
+            fsync_dir(checkpoint_dir)
+    except OSError as e:
+        try:
+            unpublish(checkpoint_dir, step_nr, token, moved_aside=moved_aside, fsync=fsync)
+        except OSError as e2:
+            raise CheckpointError(
+                f"step {step_nr}: publishing the new copy failed ({e}) and putting the directories back "
+                f"failed too ({e2}); {committed_copy_whereabouts(checkpoint_dir, step_nr, token, moved_aside)}"
+            ) from e
+        where = f"the committed copy is intact in {str(final)!r}" if moved_aside else "earlier checkpoints are intact"
+        raise CheckpointError(f"step {step_nr}: publishing the new copy failed ({e}); {where}") from e
+    return moved_aside
+
+
+def unpublish(checkpoint_dir: Path, step_nr: int, token: str, *, moved_aside: bool, fsync: bool = True) -> None:
+    """Undo :func:`publish` (as far as it got): the new copy back to ``step_<N>.tmp-<token>``, the
+    committed copy from ``step_<N>.old-<token>`` back to ``step_<N>``; fsync ``checkpoint_dir``.
+
+    Only directories carrying ``token`` (or its name) are moved; raises OSError when a move fails.
+    """
+    tmp = checkpoint_dir / layout.tmp_dir_name(step_nr, token)
+    final = checkpoint_dir / layout.step_dir_name(step_nr)
+    old = checkpoint_dir / layout.old_dir_name(step_nr, token)
+    if not tmp.exists() and final.is_dir() and read_token(final) == token:
+        final.rename(tmp)
+    if moved_aside and old.is_dir() and not final.exists():
+        old.rename(final)
     if fsync:
         fsync_dir(checkpoint_dir)
-    return moved_aside
+
+
+def committed_copy_whereabouts(checkpoint_dir: Path, step_nr: int, token: str, moved_aside: bool) -> str:
+    """A sentence saying where the committed copy of a step is after a publish went wrong."""
+    final = checkpoint_dir / layout.step_dir_name(step_nr)
+    old = checkpoint_dir / layout.old_dir_name(step_nr, token)
+    if not moved_aside:
+        return "the checkpoint was not committed and earlier checkpoints are intact"
+    if old.is_dir():
+        return (
+            f"the committed copy is intact in {str(old)!r}; the next open of this checkpoint directory "
+            f"(or `ckptdb gc`) moves it back to {final.name!r}"
+        )
+    return f"the committed copy is intact in {str(final)!r}"
+
+
+def to_trash(path: Path, step_nr: int, *, fsync: bool = True) -> Path:
+    """Rename a directory to ``step_<N>.trash-<random>`` (one quick, atomic step); returns the new path.
+
+    The caller removes the trash with :func:`remove_trash` (recovery removes any it finds).
+    """
+    trash = path.parent / layout.trash_dir_name(step_nr, os.urandom(6).hex())
+    path.rename(trash)
+    if fsync:
+        fsync_dir(path.parent)
+    return trash
+
+
+def remove_trash(path: Path) -> None:
+    """``rmtree`` a directory already renamed by :func:`to_trash`; raises when something refuses."""
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        shutil.rmtree(path)
 
 
 def remove_tree(path: Path, *, fsync: bool = True) -> None:

@@ -80,20 +80,20 @@ def install(point: str) -> None:
     elif point in ("delete_after_mark", "delete_after_files"):
         import ckptdb.recovery as recovery_mod
 
-        orig_remove = recovery_mod.remove_tree
+        orig_trash = recovery_mod.to_trash
         orig_mark = store.Catalog.mark_deleted
 
-        def remove_tree2(path: Path, *, fsync: bool = True) -> None:
+        def to_trash(path: Path, step_nr: int, *, fsync: bool = True) -> Path:
             if armed and point == "delete_after_mark":
                 stall(point)
-            orig_remove(path, fsync=fsync)
+            return orig_trash(path, step_nr, fsync=fsync)
 
         def mark_deleted(self, *a, **kw):  # type: ignore[no-untyped-def]
             if armed and point == "delete_after_files":
                 stall(point)
             return orig_mark(self, *a, **kw)
 
-        recovery_mod.remove_tree = remove_tree2  # type: ignore[assignment]
+        recovery_mod.to_trash = to_trash  # type: ignore[assignment]
         store.Catalog.mark_deleted = mark_deleted  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown point {point}")
