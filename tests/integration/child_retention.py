@@ -35,14 +35,14 @@ def stall(where: str) -> None:
 
 def install(point: str) -> None:
     if point == "after_claim":
-        orig_remove = recovery_mod.remove_tree
+        orig_to_trash = recovery_mod.to_trash
 
-        def remove_tree(path: Path, *, fsync: bool = True) -> None:
+        def to_trash(path: Path, step_nr: int, *, fsync: bool = True) -> Path:
             if armed:
                 stall(point)
-            orig_remove(path, fsync=fsync)
+            return orig_to_trash(path, step_nr, fsync=fsync)
 
-        recovery_mod.remove_tree = remove_tree  # type: ignore[assignment]
+        recovery_mod.to_trash = to_trash  # type: ignore[assignment]
     elif point == "after_rename":
         orig_rmtree = shutil.rmtree
 
