@@ -84,6 +84,7 @@ from ckptdb.storage.reader import check_files, load_torch
 from ckptdb.storage.safety import check_weights_only_safe
 from ckptdb.storage.staging import StagingArea
 from ckptdb.storage.writer import FileRecord, StepWriter, TorchFile, publish, remove_tree, write_text_atomic
+from ckptdb.verify import directory_unavailable
 
 log = logging.getLogger("ckptdb")
 T = TypeVar("T")
@@ -660,9 +661,9 @@ class FileCheckpointManager:
 
     def _verify_and_mark(self, info: CheckpointInfo, shards: list[ShardInfo], verify: str) -> None:
         # sizes are always checked (a stat per file); digests unless verify="size"
-        step_dir = self.checkpoint_dir / info.directory
         recs = [FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest) for s in shards]
         try:
+            step_dir = layout.step_path(self.checkpoint_dir, info.step_nr, info.directory)
             check_files(step_dir, recs, info.step_nr, digest=verify == "digest")
         except CheckpointCorruptError as e:
             self._mark_damaged(info, e)
@@ -671,6 +672,8 @@ class FileCheckpointManager:
     def _mark_damaged(self, info: CheckpointInfo, e: CheckpointCorruptError) -> None:
         if not self.is_coordinator:
             return
+        if e.missing and directory_unavailable(self.catalog, self._run, self.checkpoint_dir) is not None:
+            return  # the whole directory is gone or empty (unmounted?): not this checkpoint's damage
         step_dir = self.checkpoint_dir / info.directory
         if e.missing and any(self.checkpoint_dir.glob(f"{layout.step_dir_name(info.step_nr)}.old-*")):
             return  # an overwrite is mid-rename: not damage
@@ -732,12 +735,11 @@ class FileCheckpointManager:
         }
         if not records:
             raise CheckpointNotFoundError(f"step {info.step_nr} has no sharded state", step_nr=info.step_nr)
-        step_dir = self.checkpoint_dir / info.directory
 
         def load() -> None:
             sharded_io.load_sharded(
                 state_dict,
-                step_dir,
+                layout.step_path(self.checkpoint_dir, info.step_nr, info.directory),
                 records,
                 info.step_nr,
                 process_group=process_group_of(self.gang),
@@ -765,7 +767,7 @@ class FileCheckpointManager:
 
         def load() -> dict[str, Any]:
             self._verify_and_mark(info, [*mine, *([model] if model else [])], verify)
-            step_dir = self.checkpoint_dir / info.directory
+            step_dir = layout.step_path(self.checkpoint_dir, info.step_nr, info.directory)
             state: dict[str, Any] = {}
             for s in mine:
                 part = self._load_file(info, step_dir, s)
@@ -798,7 +800,9 @@ class FileCheckpointManager:
 
     def _load_file(self, info: CheckpointInfo, step_dir: Path, s: ShardInfo) -> Any:
         try:
-            return load_torch(layout.resolve_inside(step_dir, s.path), info.step_nr, mmap=self.load_options.mmap)
+            return load_torch(
+                layout.shard_path(step_dir, s.path, info.step_nr), info.step_nr, mmap=self.load_options.mmap
+            )
         except CheckpointCorruptError as e:
             self._mark_damaged(info, e)
             raise
@@ -858,7 +862,7 @@ class FileCheckpointManager:
         if s is None:
             return None
         self._verify_and_mark(info, [s], self.load_options.verify)
-        result = self._load_file(info, self.checkpoint_dir / info.directory, s)
+        result = self._load_file(info, layout.step_path(self.checkpoint_dir, info.step_nr, info.directory), s)
         return dict(result) if isinstance(result, Mapping) else None
 
     def has_checkpoint(self, step_nr: int | None = None) -> bool:
@@ -904,6 +908,11 @@ class FileCheckpointManager:
             raise CheckpointNotFoundError(f"step {step_nr} has no committed checkpoint to delete", step_nr=step_nr)
         if not os.access(self.checkpoint_dir, os.W_OK):
             raise CheckpointError(f"step {step_nr}: {str(self.checkpoint_dir)!r} is read-only; nothing was deleted")
+        try:  # a row whose directory leads elsewhere is refused before anything changes
+            layout.step_path(self.checkpoint_dir, live.step_nr, live.directory)
+        except CheckpointCorruptError as e:
+            self._mark_damaged(live, e)
+            raise
         self.catalog.mark_deleting(live.id, reason, self._who, preserve_model=preserve_model)
         info = dataclasses.replace(live, model_preserved=preserve_model)
         try:
@@ -952,6 +961,10 @@ class FileCheckpointManager:
         def coordinator() -> list[int]:
             if not os.access(self.checkpoint_dir, os.W_OK):
                 log.warning("ckptdb: %s is read-only; retention deletes nothing", self.checkpoint_dir)
+                return []
+            gone = directory_unavailable(self.catalog, self._run, self.checkpoint_dir)
+            if gone is not None:
+                log.warning("ckptdb: retention deletes nothing: %s", gone)
                 return []
             # never count a checkpoint damaged behind our back as one of the kept ones (a stat per file)
             while verify.mark_damaged_by_size(

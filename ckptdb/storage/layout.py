@@ -14,9 +14,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from ckptdb.errors import CheckpointCorruptError
 
 CATALOG_FILE = "catalog.db"
 MODEL_METADATA_FILE = "model.yaml"
@@ -101,3 +104,67 @@ def resolve_inside(base: Path, relpath: str) -> Path:
     if any(p in ("..", "") for p in parts):
         raise ValueError(f"unsafe relative path {relpath!r}")
     return base / relpath
+
+
+# -- paths taken from catalog rows ---------------------------------------------------------------
+#
+# A row's ``directory`` and its shard ``path`` values are data anyone with write access to the
+# catalog can change. Every place a catalog value becomes a filesystem path goes through these two
+# functions; a value that would lead anywhere but inside ``checkpoint_dir/step_<N>/`` is refused
+# with CheckpointCorruptError and never followed.
+
+
+def step_path(checkpoint_dir: Path, step_nr: int, directory: str) -> Path:
+    """The step directory a catalog row names, validated.
+
+    It must be exactly :func:`step_dir_name` of the row's step (no ``..``, no absolute path, no
+    other step), and an existing ``step_<N>`` must not be a symbolic link (ckptdb only ever
+    creates real directories by rename).
+
+    Raises:
+        CheckpointCorruptError: the row's directory is anything else (nothing is touched).
+    """
+    expected = step_dir_name(step_nr)
+    if directory != expected:
+        raise CheckpointCorruptError(
+            step_nr,
+            directory,
+            f"directory {expected!r} in the checkpoint directory",
+            f"{directory!r} in the catalog row (refused, never followed)",
+        )
+    path = checkpoint_dir / expected
+    if path.is_symlink():
+        raise CheckpointCorruptError(
+            step_nr, str(path), "a directory", f"a symbolic link to {os.readlink(path)!r} (refused, never followed)"
+        )
+    return path
+
+
+def shard_path(step_dir: Path, relpath: str, step_nr: int) -> Path:
+    """``step_dir / relpath`` for a shard row's path, validated to stay inside ``step_dir``.
+
+    Refuses an empty, absolute or ``..`` path, and one that resolves (through symbolic links)
+    outside ``step_dir``.
+
+    Raises:
+        CheckpointCorruptError: the path leads outside the step directory (nothing is read).
+    """
+    try:
+        path = resolve_inside(step_dir, relpath)
+    except ValueError:
+        raise CheckpointCorruptError(
+            step_nr,
+            relpath,
+            "a relative path inside the step directory",
+            f"{relpath!r} in the catalog's file list (refused, never followed)",
+        ) from None
+    base = step_dir.resolve()
+    real = path.resolve()
+    if real != base and base not in real.parents:
+        raise CheckpointCorruptError(
+            step_nr,
+            str(path),
+            "a file inside the step directory",
+            f"a path resolving to {str(real)!r}, outside it (refused, never followed)",
+        )
+    return path
