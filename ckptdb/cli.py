@@ -626,6 +626,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     ]
     # a refused run (its directory absent or emptied: unmounted?) is an error, not a finding
     rc = 2 if rep.refused else 0 if rep.ok else 1
+    for err in rep.refused.values():
+        print(f"ckptdb: error: {err}", file=sys.stderr)
     if args.json:
         _print_json(
             {
@@ -655,8 +657,6 @@ def cmd_gc(args: argparse.Namespace) -> int:
             print("\n".join(lines))
     for name, err in rep.errors.items():
         print(f"run {name}: error: {err}", file=sys.stderr)
-    for err in rep.refused.values():
-        print(f"ckptdb: error: {err}", file=sys.stderr)
     summary = ", ".join(f"{rep.total(f)} {f.replace('_', ' ')}" for f in fields)
     print(f"gc{' (dry run)' if rep.dry_run else ''}: {len(rep.runs)} run(s): {summary}")
     return rc

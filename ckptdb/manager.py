@@ -766,6 +766,8 @@ class FileCheckpointManager:
         model = by_path.get(layout.model_file(tp_rank, tp_size))
 
         def load() -> dict[str, Any]:
+            for s in shards:  # a file list naming a path outside the step directory is a corrupt row
+                layout.check_relpath(s.path, info.step_nr)
             self._verify_and_mark(info, [*mine, *([model] if model else [])], verify)
             step_dir = layout.step_path(self.checkpoint_dir, info.step_nr, info.directory)
             state: dict[str, Any] = {}

@@ -140,6 +140,24 @@ def step_path(checkpoint_dir: Path, step_nr: int, directory: str) -> Path:
     return path
 
 
+def check_relpath(relpath: str, step_nr: int) -> str:
+    """The lexical half of :func:`shard_path` (no filesystem access): no empty, absolute or ``..`` path.
+
+    Raises:
+        CheckpointCorruptError: naming the path.
+    """
+    try:
+        resolve_inside(Path("."), relpath)
+    except ValueError:
+        raise CheckpointCorruptError(
+            step_nr,
+            relpath,
+            "a relative path inside the step directory",
+            f"{relpath!r} in the catalog's file list (refused, never followed)",
+        ) from None
+    return relpath
+
+
 def shard_path(step_dir: Path, relpath: str, step_nr: int) -> Path:
     """``step_dir / relpath`` for a shard row's path, validated to stay inside ``step_dir``.
 
@@ -149,15 +167,7 @@ def shard_path(step_dir: Path, relpath: str, step_nr: int) -> Path:
     Raises:
         CheckpointCorruptError: the path leads outside the step directory (nothing is read).
     """
-    try:
-        path = resolve_inside(step_dir, relpath)
-    except ValueError:
-        raise CheckpointCorruptError(
-            step_nr,
-            relpath,
-            "a relative path inside the step directory",
-            f"{relpath!r} in the catalog's file list (refused, never followed)",
-        ) from None
+    path = step_dir / check_relpath(relpath, step_nr)
     base = step_dir.resolve()
     real = path.resolve()
     if real != base and base not in real.parents:
