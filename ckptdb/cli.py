@@ -294,6 +294,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     print(f"run        {d['run']}  ({d['checkpoint_dir']})")
     print(f"step       {c.step_nr}  [{c.state}{', model kept' if c.model_preserved else ''}]  {c.directory}/")
+    if c.directory != layout.step_dir_name(c.step_nr):  # shown as stored; never used as a path
+        print(f"           unsafe directory in the catalog (not {layout.step_dir_name(c.step_nr)!r}): never followed")
     print(f"committed  {_time(c.committed_at)}   created {_time(c.created_at)}")
     if c.deleted_at is not None:
         print(f"deleted    {_time(c.deleted_at)}   reason: {c.delete_reason}")

@@ -229,6 +229,13 @@ def test_load_model_and_export_refuse_a_row_leading_outside(
     assert proc.returncode == 2, proc.stderr
     assert "refused" in proc.stderr and value in proc.stderr
     assert not out.exists()
+    shown = subprocess.run(
+        [sys.executable, "-m", "ckptdb.cli", "show", "--url", catalog_url, "exp", "30"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0 and "unsafe directory" in shown.stdout, shown.stderr
     with pytest.raises(CheckpointCorruptError):
         load_model(catalog_url, run="exp", select=30)
     assert state_of(catalog_url, 30) == "corrupt"
