@@ -30,9 +30,10 @@ from pathlib import Path
 
 from ckptdb import _proc
 from ckptdb.catalog import Catalog, RunInfo
-from ckptdb.errors import CheckpointError
+from ckptdb.errors import CheckpointDirUnavailableError, CheckpointError
 from ckptdb.recovery import RecoveryReport, finish_delete, recover_run
 from ckptdb.retention import Plan, Policy, deletion_reason
+from ckptdb.verify import require_directory
 
 log = logging.getLogger("ckptdb.cleanup")
 
@@ -137,6 +138,7 @@ def prune(
 class GcReport:
     runs: dict[str, RecoveryReport] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # run -> error
+    refused: dict[str, str] = field(default_factory=dict)  # run -> why (directory absent / empty): untouched
     dry_run: bool = False
 
     def total(self, attr: str) -> int:
@@ -144,7 +146,12 @@ class GcReport:
 
     @property
     def ok(self) -> bool:
-        return not self.errors and self.total("marked_missing") == 0
+        return (
+            not self.errors
+            and not self.refused
+            and self.total("marked_missing") == 0
+            and self.total("unsafe_paths") == 0
+        )
 
 
 def gc(
@@ -156,6 +163,7 @@ def gc(
     stale_after: timedelta = timedelta(hours=2),
     fsync: bool = True,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> GcReport:
     """Finish interrupted deletions, remove dead writers' temporary directories, mark committed
     checkpoints whose files vanished ``missing``, and list (with ``remove_unknown``: remove) step
@@ -163,6 +171,9 @@ def gc(
 
     A pending checkpoint whose writer is alive (same host, boot and pid namespace: its pid and
     start time; another host or container: a heartbeat younger than ``stale_after``) is never touched.
+    A run whose directory is absent, or holds none of its committed checkpoints (an unmounted
+    filesystem, an empty mount point), is refused and left untouched (``refused``), unless
+    ``force``: gc never marks every checkpoint ``missing`` on that evidence.
     """
     names = list(run_names) if run_names else [r["run"] for r in catalog.list_runs()]
     rep = GcReport(dry_run=dry_run)
@@ -170,6 +181,8 @@ def gc(
     for i, name in enumerate(names, 1):
         try:
             run = catalog.get_run(name)
+            if not force:
+                require_directory(catalog, run, Path(run.checkpoint_dir))
             rep.runs[name] = recover_run(
                 catalog,
                 run,
@@ -181,6 +194,8 @@ def gc(
                 dry_run=dry_run,
                 check_files=True,
             )
+        except CheckpointDirUnavailableError as e:
+            rep.refused[name] = str(e)
         except (OSError, CheckpointError) as e:
             rep.errors[name] = str(e)
         if progress is not None:

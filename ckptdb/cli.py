@@ -294,6 +294,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     print(f"run        {d['run']}  ({d['checkpoint_dir']})")
     print(f"step       {c.step_nr}  [{c.state}{', model kept' if c.model_preserved else ''}]  {c.directory}/")
+    if c.directory != layout.step_dir_name(c.step_nr):  # shown as stored; never used as a path
+        print(f"           unsafe directory in the catalog (not {layout.step_dir_name(c.step_nr)!r}): never followed")
     print(f"committed  {_time(c.committed_at)}   created {_time(c.created_at)}")
     if c.deleted_at is not None:
         print(f"deleted    {_time(c.deleted_at)}   reason: {c.delete_reason}")
@@ -496,6 +498,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         include_damaged=args.all,
         digest=not args.size_only,
         progress_stream=sys.stderr if show_bar else None,
+        force=args.force,
     )
     if args.json:
         _print_json({"ok": report.ok, "checkpoints": [r.as_dict() for r in report.results]})
@@ -622,6 +625,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         remove_unknown=args.remove_unknown,
         progress=None if args.json else _progress("gc"),
+        force=args.force,
     )
     fields = [
         "rolled_back",
@@ -629,19 +633,26 @@ def cmd_gc(args: argparse.Namespace) -> int:
         "restored",
         "removed",
         "marked_missing",
+        "healed",
+        "unsafe_paths",
         "foreign",
         "live_writers",
         "kept",
     ]
+    # a refused run (its directory absent or emptied: unmounted?) is an error, not a finding
+    rc = 2 if rep.refused else 0 if rep.ok else 1
+    for err in rep.refused.values():
+        print(f"ckptdb: error: {err}", file=sys.stderr)
     if args.json:
         _print_json(
             {
                 "dry_run": rep.dry_run,
                 "runs": {name: {f: getattr(r, f) for f in fields} for name, r in rep.runs.items()},
                 "errors": rep.errors,
+                "refused": rep.refused,
             }
         )
-        return 0 if rep.ok else 1
+        return rc
     would = "would be " if rep.dry_run else ""
     labels = {
         "rolled_back": f"pending checkpoints of dead writers {would}rolled back",
@@ -649,6 +660,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         "restored": f"checkpoints {would}moved back into place",
         "removed": f"directories {would}removed",
         "marked_missing": f"committed checkpoints whose files vanished, {would}marked missing",
+        "healed": f"missing checkpoints whose files are back and verify, {would}committed again",
+        "unsafe_paths": "rows whose catalog paths lead outside their step directory (not followed)",
         "foreign": "step directories the catalog does not know" + ("" if args.remove_unknown else " (kept)"),
         "live_writers": "pending checkpoints of live writers (left alone)",
         "kept": "set-aside copies kept (their replacement is not committed-and-verified; see the log)",
@@ -662,7 +675,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"run {name}: error: {err}", file=sys.stderr)
     summary = ", ".join(f"{rep.total(f)} {f.replace('_', ' ')}" for f in fields)
     print(f"gc{' (dry run)' if rep.dry_run else ''}: {len(rep.runs)} run(s): {summary}")
-    return 0 if rep.ok else 1
+    return rc
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
@@ -719,6 +732,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also re-check checkpoints already marked corrupt or missing")
     p.add_argument("--size-only", action="store_true", help="compare sizes only (no re-hashing)")
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="judge a run even when its directory is absent or holds none of its committed checkpoints",
+    )
+    p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a TTY)"
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -743,6 +761,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="one run (default: every run of the catalog)")
     p.add_argument("--dry-run", action="store_true", help="report what would be done, change nothing")
     p.add_argument("--remove-unknown", action="store_true", help="also remove step directories the catalog lacks")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="judge a run even when its directory is absent or holds none of its committed checkpoints",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_gc)
 

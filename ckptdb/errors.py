@@ -63,6 +63,19 @@ class CheckpointCorruptError(CheckpointError):
         self.missing = missing
 
 
+class CheckpointDirUnavailableError(CheckpointError):
+    """A run's checkpoint directory is absent, or holds none of the run's committed checkpoints.
+
+    Typically an unmounted filesystem (an empty mount point). ``gc`` and ``verify`` refuse to judge
+    files they cannot see, instead of marking every checkpoint ``missing``.
+    """
+
+    def __init__(self, message: str, *, run: str, checkpoint_dir: str) -> None:
+        super().__init__(message)
+        self.run = run
+        self.checkpoint_dir = checkpoint_dir
+
+
 class UnsafeCheckpointFileError(CheckpointError):
     """A checkpoint file holds objects that ``torch.load(weights_only=True)`` refuses to build."""
 

@@ -276,10 +276,11 @@ def import_directory(
             report.steps.append(found)
             continue
         assert catalog is not None and run_id is not None
-        step_dir = d / layout.step_dir_name(found.step_nr)
+        # the same validation loads use: what is recorded here must resolve inside step_<N>/
+        step_dir = layout.step_path(d, found.step_nr, layout.step_dir_name(found.step_nr))
         shards = []
         for rel, _ in found.files:
-            size, digest = hash_file(step_dir / rel, hash_algorithm)
+            size, digest = hash_file(layout.shard_path(step_dir, rel, found.step_nr), hash_algorithm)
             shards.append(ShardInfo(rel, size, hash_algorithm, digest, _rank(rel), file_kind(rel)))
         try:
             user_metadata = _read_metadata(step_dir, found, report.warnings)

@@ -48,7 +48,11 @@ class Selected:
 
     @property
     def path(self) -> Path:
-        return Path(self.run.checkpoint_dir) / self.checkpoint.directory / self.model_file.path
+        """The model file (validated: inside its step directory; else CheckpointCorruptError)."""
+        c = self.checkpoint
+        return layout.shard_path(
+            layout.step_path(Path(self.run.checkpoint_dir), c.step_nr, c.directory), self.model_file.path, c.step_nr
+        )
 
 
 def _open(source: str | Path, run: str | None) -> tuple[Catalog, RunInfo]:
@@ -179,15 +183,20 @@ def load_model(
         UnsupportedCheckpointError: the model is sharded (consolidation is not implemented yet).
     """
     catalog, sel = locate_model(source, run=run, select=select, metric=metric, lower_better=lower_better)
-    step_dir = Path(sel.run.checkpoint_dir) / sel.checkpoint.directory
     m = sel.model_file
     try:
+        step_dir = layout.step_path(Path(sel.run.checkpoint_dir), sel.checkpoint.step_nr, sel.checkpoint.directory)
         if verify:
             check_file(step_dir, FileRecord(m.path, m.size_bytes, m.hash_algorithm, m.digest), sel.checkpoint.step_nr)
-        payload = load_torch(layout.resolve_inside(step_dir, m.path), sel.checkpoint.step_nr, mmap=True)
+        payload = load_torch(
+            layout.shard_path(step_dir, m.path, sel.checkpoint.step_nr), sel.checkpoint.step_nr, mmap=True
+        )
     except CheckpointCorruptError as e:
         if sel.checkpoint.state == State.COMMITTED.value:
-            state = State.MISSING if e.missing and not step_dir.exists() else State.CORRUPT
+            gone = (
+                e.missing and not (Path(sel.run.checkpoint_dir) / layout.step_dir_name(sel.checkpoint.step_nr)).exists()
+            )
+            state = State.MISSING if gone else State.CORRUPT
             try:
                 catalog.mark_damaged(sel.checkpoint.id, state, f"load_model: {e}", (_proc.hostname(), os.getpid()))
             except CheckpointError as err:

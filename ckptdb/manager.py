@@ -94,6 +94,7 @@ from ckptdb.storage.writer import (
     unpublish,
     write_text_atomic,
 )
+from ckptdb.verify import directory_unavailable
 
 log = logging.getLogger("ckptdb")
 T = TypeVar("T")
@@ -747,9 +748,9 @@ class FileCheckpointManager:
 
     def _verify_and_mark(self, info: CheckpointInfo, shards: list[ShardInfo], verify: str) -> None:
         # sizes are always checked (a stat per file); digests unless verify="size"
-        step_dir = self.checkpoint_dir / info.directory
         recs = [FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest) for s in shards]
         try:
+            step_dir = layout.step_path(self.checkpoint_dir, info.step_nr, info.directory)
             owner = read_owner(step_dir)
             if owner is not None and owner != info.token:  # another row's copy (an overwrite mid-way)
                 raise CheckpointCorruptError(
@@ -767,6 +768,8 @@ class FileCheckpointManager:
     def _mark_damaged(self, info: CheckpointInfo, e: CheckpointCorruptError) -> None:
         if not self.is_coordinator:
             return
+        if e.missing and directory_unavailable(self.catalog, self._run, self.checkpoint_dir) is not None:
+            return  # the whole directory is gone or empty (unmounted?): not this checkpoint's damage
         step_dir = self.checkpoint_dir / info.directory
         aside = set_aside_copy(self.checkpoint_dir, info)
         if aside is not None:  # its copy is set aside by an overwrite (or a failed one): not damage
@@ -832,12 +835,11 @@ class FileCheckpointManager:
         }
         if not records:
             raise CheckpointNotFoundError(f"step {info.step_nr} has no sharded state", step_nr=info.step_nr)
-        step_dir = self.checkpoint_dir / info.directory
 
         def load() -> None:
             sharded_io.load_sharded(
                 state_dict,
-                step_dir,
+                layout.step_path(self.checkpoint_dir, info.step_nr, info.directory),
                 records,
                 info.step_nr,
                 process_group=process_group_of(self.gang),
@@ -864,8 +866,10 @@ class FileCheckpointManager:
         model = by_path.get(layout.model_file(tp_rank, tp_size))
 
         def load() -> dict[str, Any]:
+            for s in shards:  # a file list naming a path outside the step directory is a corrupt row
+                layout.check_relpath(s.path, info.step_nr)
             self._verify_and_mark(info, [*mine, *([model] if model else [])], verify)
-            step_dir = self.checkpoint_dir / info.directory
+            step_dir = layout.step_path(self.checkpoint_dir, info.step_nr, info.directory)
             state: dict[str, Any] = {}
             for s in mine:
                 part = self._load_file(info, step_dir, s)
@@ -899,7 +903,9 @@ class FileCheckpointManager:
 
     def _load_file(self, info: CheckpointInfo, step_dir: Path, s: ShardInfo) -> Any:
         try:
-            return load_torch(layout.resolve_inside(step_dir, s.path), info.step_nr, mmap=self.load_options.mmap)
+            return load_torch(
+                layout.shard_path(step_dir, s.path, info.step_nr), info.step_nr, mmap=self.load_options.mmap
+            )
         except CheckpointCorruptError as e:
             self._mark_damaged(info, e)
             raise
@@ -959,7 +965,7 @@ class FileCheckpointManager:
         if s is None:
             return None
         self._verify_and_mark(info, [s], self.load_options.verify)
-        result = self._load_file(info, self.checkpoint_dir / info.directory, s)
+        result = self._load_file(info, layout.step_path(self.checkpoint_dir, info.step_nr, info.directory), s)
         return dict(result) if isinstance(result, Mapping) else None
 
     def has_checkpoint(self, step_nr: int | None = None) -> bool:
@@ -1000,6 +1006,7 @@ class FileCheckpointManager:
         self._on_coordinator(lambda: self._delete(step_nr, missing_ok, preserve_model, reason), "delete_checkpoint")
 
     def _delete(self, step_nr: int, missing_ok: bool, preserve_model: bool, reason: str) -> None:
+        bad: tuple[CheckpointInfo, CheckpointCorruptError] | None = None
         with self.catalog.run_lock(self._run.id):  # the row claimed is the row read: no commit in between
             live = self.catalog.live(self._run.id, step_nr)
             leftover = self.catalog.preserved_model(self._run.id, step_nr) if live is None else None
@@ -1011,13 +1018,23 @@ class FileCheckpointManager:
                 raise CheckpointNotFoundError(f"step {step_nr} has no committed checkpoint to delete", step_nr=step_nr)
             if not os.access(self.checkpoint_dir, os.W_OK):
                 raise CheckpointError(f"step {step_nr}: {str(self.checkpoint_dir)!r} is read-only; nothing was deleted")
-            if leftover is not None:  # a preserved model's leftover: its model files go the same two-phase way
+            row = live if live is not None else leftover
+            assert row is not None
+            try:  # a row whose directory leads elsewhere is refused before anything changes
+                layout.step_path(self.checkpoint_dir, row.step_nr, row.directory)
+            except CheckpointCorruptError as e:
+                bad = (row, e)
+            if bad is None and leftover is not None:  # a preserved model's leftover: its model files go the same way
                 self.catalog.claim_model_only(leftover.id, reason, self._who)
                 info = dataclasses.replace(leftover, model_preserved=False, state=State.DELETING.value)
-            else:
+            elif bad is None:
                 assert live is not None
                 self.catalog.mark_deleting(live.id, reason, self._who, preserve_model=preserve_model)
                 info = dataclasses.replace(live, model_preserved=preserve_model)
+        if bad is not None:  # recorded after the lock's transaction ended (a raise inside would roll it back)
+            if bad[0].state != State.DELETED.value:
+                self._mark_damaged(bad[0], bad[1])
+            raise bad[1]
         try:
             finish_delete(self.catalog, info, self.checkpoint_dir, self._who, fsync=self.save_options.fsync)
         except OSError as e:
@@ -1071,6 +1088,10 @@ class FileCheckpointManager:
         def coordinator() -> list[int]:
             if not os.access(self.checkpoint_dir, os.W_OK):
                 log.warning("ckptdb: %s is read-only; retention deletes nothing", self.checkpoint_dir)
+                return []
+            gone = directory_unavailable(self.catalog, self._run, self.checkpoint_dir)
+            if gone is not None:
+                log.warning("ckptdb: retention deletes nothing: %s", gone)
                 return []
             # never count a checkpoint damaged behind our back as one of the kept ones (a stat per file)
             while verify.mark_damaged_by_size(

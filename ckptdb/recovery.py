@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from ckptdb import _proc
+from ckptdb import _proc, verify
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo
 from ckptdb.catalog.models import State
 from ckptdb.errors import CheckpointCorruptError, ConcurrentModificationError
@@ -53,10 +53,20 @@ class RecoveryReport:
     foreign: list[str] = field(default_factory=list)  # step directories the catalog does not know
     live_writers: list[int] = field(default_factory=list)  # pending steps of live writers (left alone)
     kept: list[str] = field(default_factory=list)  # set-aside copies recovery may not remove (see the log)
+    healed: list[int] = field(default_factory=list)  # missing checkpoints whose files are back and verify
+    unsafe_paths: list[str] = field(default_factory=list)  # rows whose catalog paths lead outside (never followed)
+    unavailable: str | None = None  # the directory is absent / holds none of the committed steps
 
     @property
     def changed(self) -> bool:
-        return bool(self.rolled_back or self.deletions_finished or self.restored or self.removed or self.marked_missing)
+        return bool(
+            self.rolled_back
+            or self.deletions_finished
+            or self.restored
+            or self.removed
+            or self.marked_missing
+            or self.healed
+        )
 
 
 def writer_alive(c: CheckpointInfo, stale_after: timedelta, now_fn: Callable[[], object]) -> bool:
@@ -114,6 +124,10 @@ def recover_run(
         dry_run: change nothing; the report says what would be done.
         check_files: also look for committed checkpoints whose directory or files vanished and
             mark them ``missing`` (``ckptdb gc``; a manager's open skips this per-file check).
+            The caller decides first whether the directory can be judged at all
+            (:func:`ckptdb.verify.require_directory`; gc refuses unless forced). Without it, a
+            directory that is absent or holds none of the run's committed checkpoints (unmounted)
+            is only reported (``unavailable``): nothing in it is judged.
     """
     rep = RecoveryReport()
     now = catalog.now
@@ -130,8 +144,18 @@ def recover_run(
     # 2. finish interrupted deletions (idempotent: a racing deleter loses the conditional update)
     for c in catalog.in_states(run.id, [State.DELETING]):
         if not dry_run:
-            finish_delete(catalog, c, checkpoint_dir, who, fsync=fsync)
+            try:
+                finish_delete(catalog, c, checkpoint_dir, who, fsync=fsync)
+            except CheckpointCorruptError as e:  # its directory leads elsewhere: left 'deleting', untouched
+                rep.unsafe_paths.append(str(e))
+                continue
         rep.deletions_finished.append(c.step_nr)
+
+    rep.unavailable = verify.directory_unavailable(catalog, run, checkpoint_dir)
+    if rep.unavailable is not None and not check_files:
+        # unmounted or emptied: nothing here says a checkpoint is gone; judge nothing
+        log.warning("ckptdb: %s; no checkpoint is judged missing until it is back", rep.unavailable)
+        return rep
 
     # 3. reconcile directories step by step
     if not checkpoint_dir.is_dir():
@@ -172,6 +196,7 @@ def recover_run(
             dry_run=dry_run,
             alive=lambda c: writer_alive(c, stale_after, now),
         )
+    _heal_missing(catalog, run, checkpoint_dir, who, rep, dry_run=dry_run)
     if check_files:
         _check_committed_files(catalog, run, checkpoint_dir, who, rep, dry_run=dry_run)
     if rep.changed and not dry_run:
@@ -192,12 +217,24 @@ def _remove_quietly(path: Path, *, fsync: bool) -> None:
 def _check_committed_files(
     catalog: Catalog, run: RunInfo, checkpoint_dir: Path, who: tuple[str, int], rep: RecoveryReport, *, dry_run: bool
 ) -> None:
-    """Mark committed checkpoints whose directory or files are gone as ``missing``."""
+    """Mark committed checkpoints whose directory or files are gone as ``missing``.
+
+    A row whose directory or file paths lead outside its step directory is marked ``corrupt``
+    (its paths are never followed).
+    """
     for c in catalog.in_states(run.id, [State.COMMITTED]):
-        step_dir = checkpoint_dir / c.directory
-        gone = [] if step_dir.is_dir() else ["(the step directory)"]
-        if not gone:
-            gone = [s.path for s in catalog.shards(c.id) if not (step_dir / s.path).is_file()]
+        try:
+            step_dir = layout.step_path(checkpoint_dir, c.step_nr, c.directory)
+            gone = [] if step_dir.is_dir() else ["(the step directory)"]
+            if not gone:
+                gone = [
+                    s.path for s in catalog.shards(c.id) if not layout.shard_path(step_dir, s.path, c.step_nr).is_file()
+                ]
+        except CheckpointCorruptError as e:
+            rep.unsafe_paths.append(str(e))
+            if not dry_run:
+                catalog.mark_damaged(c.id, State.CORRUPT, f"gc: {e}", who)
+            continue
         if not gone:
             continue
         if any(checkpoint_dir.glob(f"{layout.step_dir_name(c.step_nr)}.old-*")):
@@ -229,6 +266,46 @@ _ONCE_COMMITTED = {
     State.DELETING.value,
     State.DELETED.value,
 }
+
+
+def _heal_missing(
+    catalog: Catalog, run: RunInfo, checkpoint_dir: Path, who: tuple[str, int], rep: RecoveryReport, *, dry_run: bool
+) -> None:
+    """``missing`` rows whose files are back (a remount, a restore) and verify become ``committed``.
+
+    Every recorded file must be present with its recorded size and digest (files the catalog does
+    not know are ignored, as loads ignore them); the step directory must carry the row's token
+    (or none: an imported directory). A row is healed only while it is still its step's live row.
+    The move records a ``checkpoint_events`` row. Files present with the right sizes but other
+    digests make the row ``corrupt`` (so they are not re-hashed on every open).
+    """
+    for c in catalog.in_states(run.id, [State.MISSING]):
+        live = catalog.live(run.id, c.step_nr)
+        if live is None or live.id != c.id:
+            continue
+        try:
+            step_dir = layout.step_path(checkpoint_dir, c.step_nr, c.directory)
+        except CheckpointCorruptError:
+            continue
+        if not step_dir.is_dir() or read_owner(step_dir) not in (None, c.token):
+            continue
+        shards = catalog.shards(c.id)
+        if not shards:
+            continue
+        sizes, _, _ = verify.check_files(step_dir, shards, digest=False)
+        if any(p.problem != "extra" for p in sizes):
+            continue  # still gone (or resized): stays missing
+        problems = [p for p in verify.check_files(step_dir, shards, digest=True)[0] if p.problem != "extra"]
+        if dry_run:
+            if not problems:
+                rep.healed.append(c.step_nr)
+            continue
+        if problems:
+            bad = "; ".join(p.describe() for p in problems)
+            catalog.mark_damaged(c.id, State.CORRUPT, f"recovery: files are back but differ: {bad}"[:2000], who)
+        elif catalog.mark_intact(c.id, "recovery: files are back; every size and digest matches the catalog", who):
+            catalog.record_verified(c.id, verify.OK)
+            rep.healed.append(c.step_nr)
 
 
 def _reconcile_step(
@@ -429,8 +506,12 @@ def finish_delete(
     owner token checked just before the directory is renamed to trash (or, with
     ``model_preserved``, its non-model files unlinked) and the row marked deleted; the trash is
     removed after the lock is released.
+
+    Raises:
+        CheckpointCorruptError: the row's directory is not its step's ``step_<N>`` (a tampered
+            catalog): nothing is removed, the row stays as it is.
     """
-    step_dir = checkpoint_dir / c.directory
+    step_dir = layout.step_path(checkpoint_dir, c.step_nr, c.directory)
     kept: list[str] = []
     trash: Path | None = None
     with catalog.run_lock(c.run_id):

@@ -37,6 +37,7 @@ from typing import IO, Any
 from ckptdb import _proc
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, ShardInfo
 from ckptdb.catalog.models import State
+from ckptdb.errors import CheckpointCorruptError, CheckpointDirUnavailableError
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import hash_file
 
@@ -51,7 +52,10 @@ ProgressFn = Callable[[int], None]
 
 @dataclass(frozen=True, slots=True)
 class FileProblem:
-    """One bad file. ``problem``: ``missing`` | ``size`` | ``digest`` | ``unreadable`` | ``extra``."""
+    """One bad file. ``problem``: ``missing`` | ``size`` | ``digest`` | ``unreadable`` | ``unsafe`` | ``extra``.
+
+    ``unsafe``: the catalog's path leads outside the step directory (never followed).
+    """
 
     path: str  # relative to the step directory
     problem: str
@@ -63,6 +67,8 @@ class FileProblem:
             return f"{self.path}: not in the catalog (added behind its back)"
         if self.problem == "missing":
             return f"{self.path}: missing (expected {self.expected})"
+        if self.problem == "unsafe":
+            return f"{self.path}: unsafe path in the catalog: expected {self.expected}, found {self.actual}"
         return f"{self.path}: {self.problem} mismatch: expected {self.expected}, actual {self.actual}"
 
 
@@ -178,9 +184,9 @@ def check_files(
         known.add(s.path)
         checked += 1
         try:
-            path = layout.resolve_inside(step_dir, s.path)
-        except ValueError:
-            problems.append(FileProblem(s.path, "unreadable", "a path inside the step directory", "an unsafe path"))
+            path = layout.shard_path(step_dir, s.path, 0)
+        except CheckpointCorruptError as e:
+            problems.append(FileProblem(s.path, "unsafe", "a path inside the step directory", e.actual))
             continue
         try:
             size = os.stat(path).st_size
@@ -210,7 +216,9 @@ def check_files(
     if step_dir.is_dir():
         for p in sorted(step_dir.rglob("*")):
             rel = p.relative_to(step_dir).as_posix()
-            if p.is_file() and rel not in known:
+            if p.is_symlink() and rel not in known:  # never followed
+                problems.append(FileProblem(rel, "extra", None, f"a symbolic link to {os.readlink(p)!r}"))
+            elif p.is_file() and rel not in known:
                 problems.append(FileProblem(rel, "extra", None, f"{p.stat().st_size} bytes"))
     return problems, checked, hashed
 
@@ -218,7 +226,7 @@ def check_files(
 def classify(problems: Iterable[FileProblem]) -> str:
     """``corrupt`` beats ``missing`` beats ``extra`` beats ``ok``."""
     kinds = {p.problem for p in problems}
-    if kinds & {"size", "digest", "unreadable"}:
+    if kinds & {"size", "digest", "unreadable", "unsafe"}:
         return CORRUPT
     if "missing" in kinds:
         return MISSING
@@ -275,12 +283,18 @@ def verify_one(
     who: tuple[str, int] | None = None,
 ) -> CheckpointResult:
     """Verify one checkpoint and record the outcome in the catalog (``record=False``: only report)."""
-    step_dir = Path(run.checkpoint_dir) / info.directory
     shards = catalog.shards(info.id)
-    problems, checked, hashed = check_files(step_dir, shards, digest=digest, progress=progress)
-    result = classify(problems)
-    if not step_dir.exists() and shards:
-        result = MISSING
+    try:
+        step_dir = layout.step_path(Path(run.checkpoint_dir), info.step_nr, info.directory)
+    except CheckpointCorruptError as e:  # the row's directory leads elsewhere: judged without a look
+        step_dir = Path(run.checkpoint_dir) / info.directory
+        problems, checked, hashed = [FileProblem(info.directory, "unsafe", e.expected, e.actual)], 0, 0
+        result = CORRUPT
+    else:
+        problems, checked, hashed = check_files(step_dir, shards, digest=digest, progress=progress)
+        result = classify(problems)
+        if not step_dir.exists() and shards:
+            result = MISSING
     state_after = info.state
     note = ""
     if result in (CORRUPT, MISSING):
@@ -316,6 +330,7 @@ def verify(
     digest: bool = True,
     record: bool = True,
     progress_stream: IO[str] | None = None,
+    force: bool = False,
 ) -> VerifyReport:
     """Verify the selected checkpoints (every run's committed ones by default).
 
@@ -327,8 +342,18 @@ def verify(
         digest: re-hash file contents (``False``: sizes only).
         record: write ``verified_at`` / ``verify_result`` and state changes to the catalog.
         progress_stream: draw a progress bar here (e.g. ``sys.stderr``); None: no bar.
+        force: judge a run even when its directory is absent or holds none of its committed
+            checkpoints (by default that refuses: it is far more often an unmounted filesystem
+            than every checkpoint lost).
+
+    Raises:
+        CheckpointDirUnavailableError: a selected run's directory is absent or holds none of its
+            committed checkpoints (and not ``force``); nothing was changed.
     """
     chosen = select(catalog, run=run, step_nr=step_nr, include_damaged=include_damaged)
+    if not force:
+        for r in {r.id: r for r, _ in chosen}.values():
+            require_directory(catalog, r, Path(r.checkpoint_dir))
     bar: Progress | None = None
     if progress_stream is not None:
         bar = Progress(sum(c.total_bytes or 0 for _, c in chosen), progress_stream)
@@ -344,9 +369,53 @@ def verify(
     return report
 
 
+def directory_unavailable(catalog: Catalog, run: RunInfo, checkpoint_dir: Path) -> str | None:
+    """Why ``checkpoint_dir`` cannot be judged now, or None.
+
+    When the run has committed checkpoints but its directory is absent, or holds none of them
+    (neither ``step_<N>`` nor a ``step_<N>.old-*`` copy of any committed step), the likeliest cause
+    is an unmounted filesystem (an empty mount point), not the loss of every checkpoint: nothing
+    may be marked ``missing`` on that evidence.
+    """
+    committed = {c.step_nr for c in catalog.in_states(run.id, [State.COMMITTED])}
+    if not committed:
+        return None
+    what = f"run {run.name!r}: the catalog has {len(committed)} committed checkpoint(s), but {str(checkpoint_dir)!r}"
+    if not checkpoint_dir.is_dir():
+        return f"{what} does not exist (not mounted?)"
+    try:
+        names = os.listdir(checkpoint_dir)
+    except OSError as e:
+        return f"{what} cannot be listed ({e})"
+    for name in names:
+        step = layout.parse_step_dir(name)
+        if step is None:
+            wd = layout.parse_work_dir(name)
+            step = wd.step_nr if wd is not None and wd.kind == "old" else None
+        if step in committed:
+            return None
+    return f"{what} holds none of them (an empty mount point?)"
+
+
+def require_directory(catalog: Catalog, run: RunInfo, checkpoint_dir: Path) -> None:
+    """Raise :class:`CheckpointDirUnavailableError` when :func:`directory_unavailable` says so."""
+    why = directory_unavailable(catalog, run, checkpoint_dir)
+    if why is not None:
+        raise CheckpointDirUnavailableError(
+            f"{why}; refusing to judge its files (nothing was changed): mount it or restore it, "
+            "or pass --force if every checkpoint is really gone",
+            run=run.name,
+            checkpoint_dir=str(checkpoint_dir),
+        )
+
+
 def intact_sizes(checkpoint_dir: Path, info: CheckpointInfo, shards: Iterable[ShardInfo]) -> list[FileProblem]:
     """The cheap check (one ``stat`` per file): size problems and missing files, no hashing."""
-    problems, _, _ = check_files(checkpoint_dir / info.directory, shards, digest=False)
+    try:
+        step_dir = layout.step_path(checkpoint_dir, info.step_nr, info.directory)
+    except CheckpointCorruptError as e:
+        return [FileProblem(info.directory, "unsafe", e.expected, e.actual)]
+    problems, _, _ = check_files(step_dir, shards, digest=False)
     return [p for p in problems if p.problem != "extra"]
 
 
@@ -358,7 +427,9 @@ def mark_damaged_by_size(
     Retention calls this on the checkpoints it is about to keep, so a checkpoint damaged behind the
     catalog's back is never counted as one of the kept "last N" / "best N". Returns the steps marked.
     """
-    marked = []
+    marked: list[int] = []
+    if directory_unavailable(catalog, run, checkpoint_dir) is not None:
+        return marked  # unmounted or emptied: nothing to judge by
     for step in steps:
         info = catalog.live(run.id, step)
         if info is None or info.state != State.COMMITTED.value:
@@ -380,8 +451,10 @@ __all__ = [
     "VerifyReport",
     "check_files",
     "classify",
+    "directory_unavailable",
     "intact_sizes",
     "mark_damaged_by_size",
+    "require_directory",
     "select",
     "verify",
     "verify_one",

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
 from ckptdb.errors import CheckpointCorruptError, UnsafeCheckpointFileError
+from ckptdb.storage import layout
 from ckptdb.storage.hashing import Hasher, new_hasher
 from ckptdb.storage.reader import check_file
 from ckptdb.storage.writer import FileRecord
@@ -197,6 +198,7 @@ class VerifyingStorageReader(FileSystemReader):
 
     def _check(self, relpath: str) -> None:
         rel = f"{SHARDED_DIR}/{relpath}"
+        layout.shard_path(self.step_dir, rel, self.step_nr)  # never read outside the step directory
         if self.verify == "none" or rel in self._checked:
             return
         rec = self.expected.get(rel)

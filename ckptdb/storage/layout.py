@@ -14,9 +14,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from ckptdb.errors import CheckpointCorruptError
 
 CATALOG_FILE = "catalog.db"
 MODEL_METADATA_FILE = "model.yaml"
@@ -30,6 +33,11 @@ _WORK_RE = re.compile(r"^step_(\d+)\.(tmp|old|trash)(?:-([0-9a-f]+))?$")
 
 def step_dir_name(step_nr: int) -> str:
     return f"step_{step_nr}"
+
+
+def hf_dir_name(step_nr: int) -> str:
+    """The Hugging Face Trainer's name for a step's directory (:mod:`ckptdb.hf` runs)."""
+    return f"checkpoint-{step_nr}"
 
 
 def tmp_dir_name(step_nr: int, token: str) -> str:
@@ -110,3 +118,80 @@ def resolve_inside(base: Path, relpath: str) -> Path:
     if any(p in ("..", "") for p in parts):
         raise ValueError(f"unsafe relative path {relpath!r}")
     return base / relpath
+
+
+# -- paths taken from catalog rows ---------------------------------------------------------------
+#
+# A row's ``directory`` and its shard ``path`` values are data anyone with write access to the
+# catalog can change. Every place a catalog value becomes a filesystem path goes through these two
+# functions; a value that would lead anywhere but inside ``checkpoint_dir/step_<N>/`` is refused
+# with CheckpointCorruptError and never followed.
+
+
+def step_path(checkpoint_dir: Path, step_nr: int, directory: str) -> Path:
+    """The step directory a catalog row names, validated.
+
+    It must be exactly :func:`step_dir_name` of the row's step, or the Hugging Face Trainer's
+    ``checkpoint-<N>`` for the same step (runs of :mod:`ckptdb.hf`) — no ``..``, no absolute path,
+    no other step — and an existing one must not be a symbolic link (ckptdb only ever creates real
+    directories by rename).
+
+    Raises:
+        CheckpointCorruptError: the row's directory is anything else (nothing is touched).
+    """
+    expected = step_dir_name(step_nr)
+    if directory == hf_dir_name(step_nr):
+        expected = directory
+    if directory != expected:
+        raise CheckpointCorruptError(
+            step_nr,
+            directory,
+            f"directory {expected!r} in the checkpoint directory",
+            f"{directory!r} in the catalog row (refused, never followed)",
+        )
+    path = checkpoint_dir / expected
+    if path.is_symlink():
+        raise CheckpointCorruptError(
+            step_nr, str(path), "a directory", f"a symbolic link to {os.readlink(path)!r} (refused, never followed)"
+        )
+    return path
+
+
+def check_relpath(relpath: str, step_nr: int) -> str:
+    """The lexical half of :func:`shard_path` (no filesystem access): no empty, absolute or ``..`` path.
+
+    Raises:
+        CheckpointCorruptError: naming the path.
+    """
+    try:
+        resolve_inside(Path("."), relpath)
+    except ValueError:
+        raise CheckpointCorruptError(
+            step_nr,
+            relpath,
+            "a relative path inside the step directory",
+            f"{relpath!r} in the catalog's file list (refused, never followed)",
+        ) from None
+    return relpath
+
+
+def shard_path(step_dir: Path, relpath: str, step_nr: int) -> Path:
+    """``step_dir / relpath`` for a shard row's path, validated to stay inside ``step_dir``.
+
+    Refuses an empty, absolute or ``..`` path, and one that resolves (through symbolic links)
+    outside ``step_dir``.
+
+    Raises:
+        CheckpointCorruptError: the path leads outside the step directory (nothing is read).
+    """
+    path = step_dir / check_relpath(relpath, step_nr)
+    base = step_dir.resolve()
+    real = path.resolve()
+    if real != base and base not in real.parents:
+        raise CheckpointCorruptError(
+            step_nr,
+            str(path),
+            "a file inside the step directory",
+            f"a path resolving to {str(real)!r}, outside it (refused, never followed)",
+        )
+    return path

@@ -19,7 +19,7 @@ from ckptdb.storage.writer import FileRecord
 
 def check_file(step_dir: Path, rec: FileRecord, step_nr: int, *, digest: bool = True) -> None:
     """Raise :class:`CheckpointCorruptError` when the file differs from what the catalog says."""
-    path = layout.resolve_inside(step_dir, rec.path)
+    path = layout.shard_path(step_dir, rec.path, step_nr)
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
