@@ -157,15 +157,15 @@ def _sqlite_query(conn: sqlite3.Connection, sql: str, max_rows: int | None, time
     return QueryResult(columns, rows, truncated)
 
 
-_SANDBOX_CHECK = f"""
+_SANDBOX_CHECK = """
 SELECT r.rolname, p.prosecdef, n.nspowner = p.proowner,
        r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolcanlogin OR r.rolreplication OR r.rolbypassrls,
        EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.roleid = r.oid OR m.member = r.oid),
-       has_function_privilege(p.oid, 'EXECUTE')
+       has_function_privilege(p.oid, 'EXECUTE') AND has_schema_privilege(n.oid, 'USAGE')
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_roles r ON r.oid = p.proowner
-WHERE p.oid = to_regprocedure('{SANDBOX_FUNCTION}')
+WHERE n.nspname = 'ckptdb_sql' AND p.proname = 'run_query' AND p.proargtypes = '25'::oidvector
 """
 
 
@@ -214,9 +214,7 @@ def _pg_describe(pg: Any, sql: str) -> tuple[list[str], list[int], list[int]]:
     return [d.fname(i).decode() for i in range(n)], [d.ftype(i) for i in range(n)], [d.fmod(i) for i in range(n)]
 
 
-def _pg_query(
-    pg: Any, url: str, sql: str, max_rows: int | None, timeout_s: float, sandbox: bool
-) -> QueryResult:
+def _pg_query(pg: Any, url: str, sql: str, max_rows: int | None, timeout_s: float, sandbox: bool) -> QueryResult:
     cur = pg.cursor()
     cur.execute("SET TRANSACTION READ ONLY")
     cur.execute("SELECT 1")  # a query ran: the transaction can no longer be made read-write
@@ -259,6 +257,7 @@ def _query_error(e: BaseException, url: str) -> CatalogError:
             "permission denied",
             "security-definer",
             "must be",
+            "password is required",
         )
     ):
         return CatalogError(f"catalog {masked(url)}: `ckptdb sql` is read-only; refused: {first}")

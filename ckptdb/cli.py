@@ -768,7 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc: int = args.func(args)
         return rc
     except CheckpointError as e:
-        print(f"ckptdb: error: {scrub(str(e), getattr(args, 'url', None) or os.environ.get('CKPTDB_URL'))}", file=sys.stderr)
+        url = getattr(args, "url", None) or os.environ.get("CKPTDB_URL")
+        print(f"ckptdb: error: {scrub(str(e), url)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from pathlib import Path
 
@@ -123,24 +124,32 @@ class _StatFs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
 
 
-def statfs_magic(path: Path) -> int | None:
-    """``statfs(2)``'s ``f_type`` for ``path`` (Linux; None elsewhere or on error)."""
+def statfs_magic(path: Path) -> tuple[int | None, int]:
+    """``statfs(2)``'s ``f_type`` for ``path`` and the errno (Linux; ``(None, 0)`` where unavailable)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         buf = _StatFs()
         if libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
-            return None
-        return int(buf.f_type) & 0xFFFFFFFF
+            return None, ctypes.get_errno()
+        return int(buf.f_type) & 0xFFFFFFFF, 0
     except (OSError, AttributeError):
-        return None
+        return None, 0
 
 
 def network_filesystem(path: Path) -> str | None:
-    """The name of the network filesystem ``path`` (or its nearest existing parent) is on, or None."""
+    """The name of the network filesystem ``path`` is (or would be created) on, or None.
+
+    Makes no assumption that the filesystem answers: a hung or disconnected mount is still named
+    by mountinfo, which is read without touching it.
+    """
     p = Path(os.path.realpath(path))
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return verdict(mount_fstype(p), statfs_magic(p))
+    magic, q = None, p
+    while True:  # the nearest existing ancestor (the file itself may not exist yet)
+        magic, err = statfs_magic(q)
+        if magic is not None or err not in (errno.ENOENT, errno.ENOTDIR) or q == q.parent:
+            break
+        q = q.parent
+    return verdict(mount_fstype(p), magic)
 
 
 def allowed_by_env() -> bool:

@@ -143,9 +143,9 @@ def get_engine(url: str) -> Engine:
             db = parsed.database
             if db and db != ":memory:":
                 parent = Path(db).expanduser().parent
-                if not parent.is_dir():
-                    raise CatalogUnavailableError(f"catalog {masked(url)}: directory {str(parent)!r} does not exist")
                 _refuse_network_filesystem(url, parent)
+                if not os.path.isdir(parent):  # an unreachable mount (ENOTCONN, EIO) too
+                    raise CatalogUnavailableError(f"catalog {masked(url)}: directory {str(parent)!r} does not exist")
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
         else:
             kwargs["pool_pre_ping"] = True
