@@ -228,10 +228,18 @@ def _pg_query(pg: Any, url: str, sql: str, max_rows: int | None, timeout_s: floa
     _check_sandbox(cur, url)
     columns, oids, mods = _pg_describe(pg, sql)
     cur.execute(
-        "SELECT format_type(t, m) FROM unnest(%s::oid[], %s::int[]) WITH ORDINALITY AS x(t, m, i) ORDER BY i",
+        "SELECT format_type(t, m), y.typtype = 'p' FROM unnest(%s::oid[], %s::int[]) WITH ORDINALITY AS x(t, m, i)"
+        " JOIN pg_type y ON y.oid = x.t ORDER BY i",
         [oids, mods],
     )
-    types = [t for (t,) in cur.fetchall()]
+    typed = cur.fetchall()
+    pseudo = [f"{c} ({t})" for c, (t, p) in zip(columns, typed, strict=True) if p]
+    if pseudo:
+        raise CatalogError(
+            f"`ckptdb sql`: column {', '.join(pseudo)} has a pseudo-type that cannot be returned: "
+            "select it in an expression of a real type (e.g. `f() IS NULL`, `row_to_json(r)`)"
+        )
+    types = [t for t, _ in typed]
     defs = ", ".join(f'"c{i}" {t}' for i, t in enumerate(types))
     rows_cur = pg.cursor(name="ckptdb_sql_rows")  # server-side: only max_rows (+1) rows travel
     rows_cur.execute(f"SELECT * FROM {SANDBOX_FUNCTION.split('(')[0]}(%s) AS q({defs})", [sql])
