@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptdb.catalog import Catalog, migrate
-from ckptdb.catalog.session import masked, sqlite_url
+from ckptdb.catalog.session import masked, scrub, sqlite_url
 from ckptdb.errors import CheckpointError
 from ckptdb.storage import layout
 
@@ -198,8 +198,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     from ckptdb.analysis import readonly_query
 
-    res = readonly_query(_url(args), args.query)
+    res = readonly_query(_url(args), args.query, max_rows=args.max_rows or None, timeout_s=args.timeout)
     rows = [[_cell(v) for v in r] for r in res.rows]
+    if res.truncated:
+        print(f"ckptdb: note: output stopped at --max-rows {args.max_rows}", file=sys.stderr)
     if args.json:
         _print_json([dict(zip(res.columns, r, strict=True)) for r in rows])
     elif args.csv:
@@ -441,7 +443,9 @@ def _add_analysis_commands(sub: Any) -> None:
 
     p = add("sql", cmd_sql)
     _catalog_args(p)
-    p.add_argument("query", help="one SQL statement (reads only; see docs/sql.md for the views)")
+    p.add_argument("query", help="one SQL query (reads only; see docs/sql.md for the views and the security model)")
+    p.add_argument("--max-rows", type=int, default=100_000, help="print at most N rows (0: all; default 100000)")
+    p.add_argument("--timeout", type=float, default=60.0, help="cancel the query after SECONDS (default 60)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", action="store_true", help="CSV with a header row")
     out.add_argument("--json", action="store_true", help="a JSON list of objects")
@@ -809,7 +813,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc: int = args.func(args)
         return rc
     except CheckpointError as e:
-        print(f"ckptdb: error: {e}", file=sys.stderr)
+        url = getattr(args, "url", None) or os.environ.get("CKPTDB_URL")
+        print(f"ckptdb: error: {scrub(str(e), url)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, make_url
@@ -25,13 +27,63 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
+# URL query parameters whose value is a secret (libpq: password, sslpassword; drivers' aliases).
+# ``passfile``, ``sslkey`` and ``sslcert`` name files: not secret themselves, shown as given.
+_SECRET_PARAM = re.compile(r"pass(?!file)|pwd|secret|token|credential", re.I)
+# ``password=...`` in libpq conninfo strings / query strings, and ``user:password@`` in URLs.
+_SECRET_TEXT = re.compile(
+    r"(?i)\b((?:ssl)?pass(?:word|wd|phrase)?|pwd|[a-z_]*(?:secret|token))(\s*=\s*)"
+    r"('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s&;,'\")]+)"
+)
+_URL_USERINFO = re.compile(r"(://[^:/@\s]*):[^@/\s]+@")
+
+
+def _is_secret_param(name: str) -> bool:
+    return bool(_SECRET_PARAM.search(name))
+
+
 def masked(url: str | URL) -> str:
-    """The URL with any password replaced by ``***`` (safe for errors, logs and CLI output)."""
+    """The URL with any password replaced by ``***`` (safe for errors, logs and CLI output).
+
+    Both forms are masked: ``user:password@host`` and query parameters such as ``?password=``
+    or ``?sslpassword=`` (any parameter whose name says pass/pwd/secret/token, but ``passfile``).
+    """
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        rendered = make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - an unparsable URL: show only its scheme
         s = str(url)
         return s.split("://", 1)[0] + "://***" if "://" in s else "<unparsable URL>"
+    base, sep, query = rendered.partition("?")
+    if not sep:
+        return rendered
+    pairs = [p.partition("=") for p in query.split("&")]
+    return base + "?" + "&".join(k + eq + ("***" if _is_secret_param(unquote(k)) else v) for k, eq, v in pairs)
+
+
+def secrets_of(url: str | URL | None) -> list[str]:
+    """The secret values a URL carries (its password and secret query parameters)."""
+    if url is None:
+        return []
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - unparsable: nothing to extract
+        return []
+    out = [parsed.password] if parsed.password else []
+    for k, v in parsed.query.items():
+        if _is_secret_param(k):
+            out.extend([v] if isinstance(v, str) else list(v))
+    return [str(s) for s in out if s and len(str(s)) >= 3]
+
+
+def scrub(text: str, url: str | URL | None = None) -> str:
+    """``text`` with secrets replaced by ``***``: ``password=...`` (conninfo or query string), the
+    password of ``scheme://user:password@``, and every secret value ``url`` carries (drivers'
+    error messages may quote the connection string they were given)."""
+    text = _SECRET_TEXT.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    text = _URL_USERINFO.sub(r"\1:***@", text)
+    for value in sorted(secrets_of(url), key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
 
 
 def sqlite_url(path: Path) -> str:
@@ -42,7 +94,7 @@ def parse_url(url: str) -> URL:
     try:
         return make_url(url)
     except exc.ArgumentError as e:
-        raise CatalogUnavailableError(f"invalid catalog URL {masked(url)!r}: {e}") from None
+        raise CatalogUnavailableError(f"invalid catalog URL {masked(url)!r}: {scrub(str(e), url)}") from None
 
 
 def _install_sqlite_pragmas(engine: Engine) -> None:
@@ -65,6 +117,20 @@ def _install_sqlite_pragmas(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _refuse_network_filesystem(url: str, directory: Path) -> None:
+    """SQLite in WAL mode is unsafe on NFS, SMB, Lustre, ... (ckptdb.catalog.netfs): refuse, unless overridden."""
+    from ckptdb.catalog import netfs
+
+    fs = netfs.network_filesystem(directory)
+    if fs is not None and not netfs.allowed_by_env():
+        raise CatalogUnavailableError(
+            f"catalog {masked(url)}: {str(directory)!r} is on a network filesystem ({fs}); a SQLite catalog "
+            "(WAL mode) there can be corrupted by processes on other machines. Use a PostgreSQL catalog "
+            "(--url / catalog=postgresql+psycopg://user@host/db), or keep the SQLite file on a local disk; "
+            f"if only this one machine ever opens it, set {netfs.ALLOW_ENV}=1 to proceed at your own risk"
+        )
+
+
 def get_engine(url: str) -> Engine:
     """One engine per URL per process (pragmas installed on this engine only)."""
     with _engines_lock:
@@ -77,7 +143,8 @@ def get_engine(url: str) -> Engine:
             db = parsed.database
             if db and db != ":memory:":
                 parent = Path(db).expanduser().parent
-                if not parent.is_dir():
+                _refuse_network_filesystem(url, parent)
+                if not os.path.isdir(parent):  # an unreachable mount (ENOTCONN, EIO) too
                     raise CatalogUnavailableError(f"catalog {masked(url)}: directory {str(parent)!r} does not exist")
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
         else:
@@ -89,7 +156,7 @@ def get_engine(url: str) -> Engine:
         try:
             engine = create_engine(parsed, **kwargs)
         except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as e:
-            raise CatalogUnavailableError(f"catalog {masked(url)}: {e}") from None
+            raise CatalogUnavailableError(f"catalog {masked(url)}: {scrub(str(e), url)}") from None
         if parsed.get_backend_name() == "sqlite":
             _install_sqlite_pragmas(engine)
         _engines[url] = engine
@@ -117,7 +184,7 @@ def translate(error: Exception, url: str) -> CatalogError:
     """Map a SQLAlchemy / driver error to a ckptdb error that names the (masked) catalog."""
     orig = getattr(error, "orig", None)
     detail = (str(orig) if orig is not None else str(error)).strip().splitlines()
-    first = detail[0] if detail else type(error).__name__
+    first = scrub(detail[0], url) if detail else type(error).__name__
     where = masked(url)
     if isinstance(error, exc.IntegrityError):
         return ConcurrentModificationError(f"catalog {where}: conflicting change: {first}")
