@@ -102,6 +102,7 @@ def test_missing_step_with_a_foreign_directory_in_its_place_is_not_replaced(tmp_
     d = tmp_path / "c"
     m = FileCheckpointManager(d, catalog=catalog_url, run="exp")
     save(m, 1)
+    save(m, 2)  # the directory still holds a committed step: step 1's absence is damage, not an unmount
     shutil.rmtree(d / "step_1")
     with pytest.raises(CheckpointCorruptError, match="step 1"):
         m.load_checkpoint(1)
