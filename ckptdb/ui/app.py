@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -33,10 +33,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ckptdb.analysis import readonly_query
 from ckptdb.catalog.session import sqlite_url
-from ckptdb.errors import CatalogError, CheckpointError, CheckpointNotFoundError
+from ckptdb.errors import CheckpointError, CheckpointNotFoundError
+from ckptdb.storage import layout
 from ckptdb.ui import cookbook
 from ckptdb.ui.policy import parse_policy, policy_of_reason, to_flags
-from ckptdb.storage import layout
 from ckptdb.ui.queries import PAGE, RUN_SORTS, UiCatalog, ts
 
 HERE = Path(__file__).resolve().parent
@@ -90,7 +90,7 @@ class ReadOnlyMiddleware:
             await self.app(scope, receive, send)
             return
         if scope["method"] not in READ_METHODS:
-            resp = PlainTextResponse("ckptdb ui is read-only: GET only", status_code=405, headers={"allow": "GET, HEAD"})
+            resp = PlainTextResponse("ckptdb ui is read-only", status_code=405, headers={"allow": "GET, HEAD"})
             await resp(scope, receive, send)
             return
 
@@ -191,9 +191,12 @@ def create_app(url: str, *, allowed_hosts: list[str] | None = None) -> Starlette
                 plan = cat.plan(run_id, policy)
                 model_only = set(plan.model_only)
                 rows = [(s, "keep model" if s in model_only else "keep", plan.reason(s)) for s in plan.keep]
-                rows += [(s, "delete model" if s in model_only else "delete", f"pruned by {policy}") for s in plan.delete]
+                why = f"pruned by {policy}"
+                rows += [(s, "delete model" if s in model_only else "delete", why) for s in plan.delete]
                 rows.sort()
-                ctx.update(plan=plan, policy_str=str(policy), flags=to_flags(policy), run_arg=shlex.quote(run["run_name"]), rows=rows[:PLAN_ROWS], more=max(0, len(rows) - PLAN_ROWS))
+                ctx.update(plan=plan, policy_str=str(policy), flags=to_flags(policy))
+                ctx.update(run_arg=shlex.quote(run["run_name"]))
+                ctx.update(rows=rows[:PLAN_ROWS], more=max(0, len(rows) - PLAN_ROWS))
         return templates.TemplateResponse(request, "_plan.html", ctx)
 
     @guarded
@@ -236,7 +239,7 @@ def create_app(url: str, *, allowed_hosts: list[str] | None = None) -> Starlette
         )
 
     def sql_csv(request: Request) -> Response:
-        q, res, error = _sql(request, None)
+        _, res, error = _sql(request, None)
         if error or res is None:
             return PlainTextResponse(error or "no query (?q=SELECT ...)", status_code=400)
         buf = io.StringIO()
@@ -273,6 +276,7 @@ def create_app(url: str, *, allowed_hosts: list[str] | None = None) -> Starlette
     middleware = [Middleware(ReadOnlyMiddleware)]
     if allowed_hosts is not None:  # DNS rebinding: a page elsewhere cannot read a loopback-bound catalog
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
+
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         yield

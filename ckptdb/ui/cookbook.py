@@ -24,7 +24,8 @@ class Example:
 def parse(markdown: str) -> list[Example]:
     """Every ```sql block after the ``## Cookbook`` heading, titled by its heading and lead-in line."""
     out: list[Example] = []
-    heading, para, lead = "", [], ""
+    heading, lead = "", ""
+    para: list[str] = []
     count: dict[str, int] = {}
     lines = markdown.split("## Cookbook", 1)[-1].splitlines()
     i = 0
