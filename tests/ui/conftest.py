@@ -14,11 +14,11 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-import uvicorn  # noqa: E402
+import uvicorn
 
-from ckptdb import FileCheckpointManager  # noqa: E402
-from ckptdb.ui.app import create_app  # noqa: E402
-from tests.catalog import sqldata  # noqa: E402
+from ckptdb import FileCheckpointManager
+from ckptdb.ui.app import create_app
+from tests.catalog import sqldata
 
 
 @dataclass

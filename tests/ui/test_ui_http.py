@@ -123,7 +123,7 @@ def test_pages_paginate_and_filter(ui_server: UiServer) -> None:
     assert byc.index(">exp1<") < byc.index(">bulk-000<")  # 3 committed before 0
     _, none = http("GET", s.base + "/?name=" + urllib.parse.quote("%_x"))
     assert "no run matches" in none
-    status, body = http("GET", s.base + "/api/marker")
+    _, body = http("GET", s.base + "/api/marker")
     marker = json.loads(body)["marker"]
     s.managers["exp2"].begin_checkpoint(40)
     s.managers["exp2"].save_state({"w": 1})
