@@ -102,6 +102,14 @@ class UiCatalog:
         except Exception as e:
             raise CatalogError(f"catalog {self.display_url}: {str(e).splitlines()[0]}") from e
 
+    def _tuples(self, sql: str, **params: Any) -> list[Any]:
+        """Plain rows (no per-value normalisation: for long numeric lists such as a chart's points)."""
+        try:
+            with self.engine.connect() as conn:
+                return list(conn.execute(text(sql), params).tuples())
+        except Exception as e:
+            raise CatalogError(f"catalog {self.display_url}: {str(e).splitlines()[0]}") from e
+
     def _one(self, sql: str, **params: Any) -> dict[str, Any] | None:
         rows = self._rows(sql, **params)
         return rows[0] if rows else None
@@ -163,7 +171,7 @@ class UiCatalog:
     def curve(self, run_id: int, metric: str) -> list[dict[str, Any]]:
         """The metric over steps, as ``ckptdb plot`` draws it (:func:`ckptdb.analysis.metric_curve`)."""
         pins = self.pins(run_id)
-        rows = self._rows(
+        rows = self._tuples(
             "SELECT c.step_nr, s.value, c.state FROM checkpoints c"
             " JOIN scores s ON s.checkpoint_id = c.id AND s.metric = :metric"
             " WHERE c.run_id = :id AND c.state IN ('committed', 'deleting', 'deleted', 'corrupt', 'missing')"
@@ -171,13 +179,12 @@ class UiCatalog:
             id=run_id,
             metric=metric,
         )
-        out = []
-        for r in rows:
-            v = float(r["value"])
-            if math.isfinite(v):
-                step = int(r["step_nr"])
-                out.append({"step": step, "value": v, "state": r["state"], "pins": pins.get(step, [])})
-        return out
+        isfinite = math.isfinite
+        return [
+            {"step": step, "value": float(v), "state": state, "pins": pins.get(step, [])}
+            for step, v, state in rows
+            if isfinite(v)
+        ]
 
     def checkpoints(self, run_id: int, *, metric: str, state: str = "", page: int = 1) -> Page:
         """One page of the run's checkpoint rows, newest step first, with save timings."""
@@ -187,13 +194,16 @@ class UiCatalog:
             params["state"] = state
         total = self._one(f"SELECT COUNT(*) AS n FROM checkpoints c WHERE {cond}", **params)
         page = max(1, page)
+        # page the ids first: the score lookup then runs for this page's rows only
         rows = self._rows(
             "SELECT c.id, c.step_nr, c.state, c.created_at, c.committed_at, c.total_bytes, c.file_count,"
             " c.verified_at, c.verify_result, c.delete_reason, c.model_preserved, c.world_size,"
-            " c.stage_seconds, c.write_seconds, c.sync_seconds, c.commit_seconds,"
-            " (SELECT s.raw_value FROM scores s WHERE s.checkpoint_id = c.id AND s.metric = :metric) AS value"
-            f" FROM checkpoints c WHERE {cond} ORDER BY c.step_nr DESC, c.id DESC"
-            f" LIMIT {PAGE} OFFSET {(page - 1) * PAGE}",
+            " c.stage_seconds, c.write_seconds, c.sync_seconds, c.commit_seconds, s.raw_value AS value"
+            f" FROM (SELECT c.id FROM checkpoints c WHERE {cond} ORDER BY c.step_nr DESC, c.id DESC"
+            f" LIMIT {PAGE} OFFSET {(page - 1) * PAGE}) p"
+            " JOIN checkpoints c ON c.id = p.id"
+            " LEFT JOIN scores s ON s.checkpoint_id = c.id AND s.metric = :metric"
+            " ORDER BY c.step_nr DESC, c.id DESC",
             **params,
         )
         for r in rows:
