@@ -106,7 +106,7 @@ class UiCatalog:
         """Plain rows (no per-value normalisation: for long numeric lists such as a chart's points)."""
         try:
             with self.engine.connect() as conn:
-                return list(conn.execute(text(sql), params).tuples())
+                return [tuple(r) for r in conn.execute(text(sql), params)]
         except Exception as e:
             raise CatalogError(f"catalog {self.display_url}: {str(e).splitlines()[0]}") from e
 

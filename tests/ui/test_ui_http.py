@@ -65,7 +65,7 @@ def test_no_route_writes(ui_server: UiServer) -> None:
     files = sorted((p, p.stat().st_size) for p in s.tmp.rglob("*") if p.is_file() and "catalog.db" not in p.name)
     for path in routes(s):
         status, _ = http("GET", s.base + path)
-        assert status == (404 if path == "/nope" else 200), path
+        assert status == (404 if path == "/nope" else 200), (path, _[-3000:])
         for method in ("POST", "PUT", "DELETE", "PATCH"):
             status, body = http(method, s.base + path)
             assert status == 405 and "read-only" in body, (method, path, status)
