@@ -37,6 +37,7 @@ BENCH_ARGS ?=
 bench: install
 	$(BIN)/python benchmarks/save_load_bench.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/retention_bench.py --pg-url "$(PG_URL)"
+	$(BIN)/python benchmarks/ui_bench.py --pg-url "$(PG_URL)"
 
 lint: install
 	$(BIN)/ruff check .

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, exc
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 from ckptdb.catalog import Catalog
 from ckptdb.catalog.session import SQLITE_BUSY_TIMEOUT_MS, masked, parse_url, scrub
@@ -65,8 +65,11 @@ def _sqlite_readonly_authorizer(
     return sqlite3.SQLITE_DENY
 
 
-def _readonly_engine(url: str) -> Any:
+def readonly_engine(url: str, *, pooled: bool = False) -> Any:
+    """An engine whose every connection the database keeps read-only (what ``ckptdb sql`` and
+    ``ckptdb ui`` read through). ``pooled``: keep connections for reuse (a long-lived server)."""
     parsed = parse_url(url)
+    pool: dict[str, Any] = {"poolclass": QueuePool if pooled else NullPool}
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         db = parsed.database
@@ -82,11 +85,11 @@ def _readonly_engine(url: str) -> Any:
             conn.set_authorizer(_sqlite_readonly_authorizer)
             return conn
 
-        return create_engine("sqlite://", creator=connect, poolclass=NullPool)
+        return create_engine("sqlite://", creator=connect, **pool)
     if backend == "postgresql":
         return create_engine(
             parsed,
-            poolclass=NullPool,
+            **pool,
             connect_args={"connect_timeout": 10, "options": "-c default_transaction_read_only=on"},
         )
     raise CatalogUnavailableError(f"catalog {masked(url)}: `ckptdb sql` supports SQLite and PostgreSQL only")
@@ -109,7 +112,7 @@ def readonly_query(
 
 
 def _query(url: str, sql: str, *, max_rows: int | None, timeout_s: float, sandbox: bool) -> QueryResult:
-    engine = _readonly_engine(url)
+    engine = readonly_engine(url)
     backend = engine.dialect.name
     try:
         raw = engine.raw_connection()
@@ -425,6 +428,7 @@ __all__ = [
     "checkpoint_detail",
     "metric_curve",
     "plot_metric",
+    "readonly_engine",
     "readonly_query",
     "run_summaries",
 ]

@@ -706,6 +706,19 @@ def cmd_unpin(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Serve a read-only web view of the catalog: runs, checkpoints, metric charts, retention plans, SQL.
+
+    Example: ckptdb ui --dir ckpts   (then open http://127.0.0.1:8765/)
+    """
+    try:
+        from ckptdb.ui import serve
+    except ImportError as e:
+        raise CheckpointError(f"`ckptdb ui` needs its extra: pip install 'ckptdb[ui]' ({e})") from None
+    serve(_url(args), host=args.host, port=args.port)
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -803,6 +816,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = dbsub.add_parser("history", help=cmd_db_history.__doc__, description=cmd_db_history.__doc__)
     p.set_defaults(func=cmd_db_history)
     _add_analysis_commands(sub)
+
+    p = sub.add_parser("ui", help=(cmd_ui.__doc__ or "").splitlines()[0], description=cmd_ui.__doc__)
+    _catalog_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; others get a warning)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 
