@@ -377,7 +377,9 @@ def directory_unavailable(catalog: Catalog, run: RunInfo, checkpoint_dir: Path) 
     is an unmounted filesystem (an empty mount point), not the loss of every checkpoint: nothing
     may be marked ``missing`` on that evidence.
     """
-    committed = {c.step_nr for c in catalog.in_states(run.id, [State.COMMITTED])}
+    rows = catalog.in_states(run.id, [State.COMMITTED])
+    committed = {c.step_nr for c in rows}
+    directories = {c.directory for c in rows}  # `step_<N>`, or `checkpoint-<N>` for HF Trainer runs
     if not committed:
         return None
     what = f"run {run.name!r}: the catalog has {len(committed)} committed checkpoint(s), but {str(checkpoint_dir)!r}"
@@ -388,6 +390,8 @@ def directory_unavailable(catalog: Catalog, run: RunInfo, checkpoint_dir: Path) 
     except OSError as e:
         return f"{what} cannot be listed ({e})"
     for name in names:
+        if name in directories:
+            return None
         step = layout.parse_step_dir(name)
         if step is None:
             wd = layout.parse_work_dir(name)

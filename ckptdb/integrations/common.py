@@ -65,6 +65,8 @@ def writer_info(world_size: int = 1) -> WriterInfo:
         torch_version=torch.__version__,
         python_version=platform.python_version(),
         world_size=world_size,
+        boot_id=_proc.boot_id(),  # without them recovery could only judge a dead writer by heartbeat
+        pid_ns=_proc.pid_namespace(),
     )
 
 
