@@ -169,7 +169,7 @@ def hint_for(exc: BaseException, command: str = "") -> str:
     """What to do about ``exc``: the second half of the error line."""
     help_ = f"`ckptdb {command} --help`" if command else "`ckptdb --help`"
     if isinstance(exc, errors.CheckpointDirUnavailableError):
-        return "mount or restore the run's checkpoint directory; --force only when its checkpoints are really gone"
+        return "is its filesystem mounted? (`findmnt DIR`); nothing was changed"
     if isinstance(exc, errors.SchemaOutOfDateError):
         return "back up a shared catalog, then run `ckptdb db upgrade`"
     if isinstance(exc, errors.CatalogUnavailableError):
@@ -257,20 +257,15 @@ class ByteProgress:
 
 def step_progress(
     label: str, unit: str, *, stream: IO[str] | None = None, force: bool | None = None
-) -> Callable[[int, int, str], None]:
-    """A ``(done, total, what)`` callback for prune (checkpoints) and gc (runs).
+) -> Callable[[int, int, str], None] | None:
+    """A ``(done, total, what)`` callback for prune (checkpoints) and gc (runs), or None.
 
     On a terminal: a rich bar with count, throughput and time left, closed at ``done == total``.
-    Elsewhere: one plain line at the end, ``<label>: <done>/<total> done``.
+    Elsewhere (a pipe, a log file): None, no progress at all; the command's summary says what was done.
     """
     out = stream if stream is not None else sys.stderr
     if not (force or console(out).is_terminal):
-
-        def plain(done: int, total: int, what: str) -> None:
-            if done == total:
-                print(f"{label}: {done}/{total} done", file=out)
-
-        return plain
+        return None
     state: dict[str, Any] = {}
 
     def show(done: int, total: int, what: str) -> None:
