@@ -69,19 +69,29 @@ STATUS_STYLES = {
 STATUS_COLUMNS = frozenset({"state", "action", "result", "from", "to"})
 
 
-def console(stream: IO[str] | None = None, *, force_terminal: bool | None = None) -> Console:
+def console(
+    stream: IO[str] | None = None, *, force_terminal: bool | None = None, no_color: bool | None = None
+) -> Console:
     """A rich console on ``stream`` (default: the current ``sys.stdout``), highlighting off."""
     return Console(
         file=stream if stream is not None else sys.stdout,
         highlight=False,
         soft_wrap=True,
         force_terminal=force_terminal,
+        no_color=no_color,
     )
 
 
 def is_terminal(stream: IO[str] | None = None) -> bool:
     """Whether ``stream`` gets rich output (a terminal, or forced by FORCE_COLOR / TTY_COMPATIBLE)."""
     return console(stream).is_terminal
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def status_style(text: str) -> str | None:
@@ -219,7 +229,8 @@ class RateColumn(ProgressColumn):
 
 
 def _progress(stream: IO[str], force: bool | None, *columns: str | ProgressColumn) -> Progress:
-    con = console(stream, force_terminal=force)
+    # a bar asked for on a pipe or a file (verify --progress) is drawn, but without colour
+    con = console(stream, force_terminal=force, no_color=True if force and not _isatty(stream) else None)
     return Progress(*columns, console=con, transient=False, refresh_per_second=8)
 
 
