@@ -1,8 +1,9 @@
 """The ``ckptdb`` command: thin (parse, call the library, print). ``--json`` for scripts.
 
 Every command takes ``--url`` (default: env ``CKPTDB_URL``) or ``--dir DIR`` (the SQLite catalog
-inside a checkpoint directory). Exit status: 0 ok, 1 something is wrong (a check failed),
-2 bad usage or an error.
+inside a checkpoint directory). Rendering (rich tables and progress bars on a terminal, plain text
+when piped, JSON, one-line errors) and the exit codes live in :mod:`ckptdb.cli_output`: 0 ok,
+1 something is wrong (a check found damage, a deletion failed), 2 bad usage or refused.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from ckptdb import cli_output as out
 from ckptdb.catalog import Catalog, migrate
 from ckptdb.catalog.session import masked, scrub, sqlite_url
-from ckptdb.errors import CheckpointError
+from ckptdb.errors import CheckpointDirUnavailableError, CheckpointError, InvalidArgumentError
 from ckptdb.storage import layout
 
 Handler = Callable[[argparse.Namespace], int]
@@ -32,43 +34,16 @@ def _url(args: argparse.Namespace) -> str:
     env = os.environ.get("CKPTDB_URL")
     if env:
         return env
-    raise CheckpointError(
+    raise InvalidArgumentError(
         "no catalog given: pass --url URL (e.g. postgresql+psycopg://user@host/db), --dir CHECKPOINT_DIR, "
         "or set CKPTDB_URL"
     )
 
 
-def _human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def _time(t: datetime | None) -> str:
-    return "-" if t is None else t.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _json_default(o: object) -> Any:
-    if isinstance(o, datetime):
-        return o.isoformat()
-    return str(o)
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=_json_default))
+_human_bytes = out.human_bytes
+_time = out.local_time
+_print_json = out.print_json
+table = out.plain_table  # the plain format of piped output (kept for callers of ckptdb.cli.table)
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -82,14 +57,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(runs)
         else:
-            print(
-                table(
-                    [
-                        (r["run"], r["committed"], r["last_step"], _human_bytes(r["bytes"]), _time(r["created_at"]))
-                        for r in runs
-                    ],
-                    ["run", "committed", "last step", "size", "created"],
-                )
+            out.print_table(
+                [
+                    (r["run"], r["committed"], r["last_step"], _human_bytes(r["bytes"]), _time(r["created_at"]))
+                    for r in runs
+                ],
+                ["run", "committed", "last step", "size", "created"],
             )
         return 0
     run = cat.get_run(args.run)
@@ -129,7 +102,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 _time(c.committed_at or c.created_at),
             )
         )
-    print(table(rows, ["step", "state", "scores", "size", "files", "time"]))
+    out.print_table(rows, ["step", "state", "scores", "size", "files", "time"])
     return 0
 
 
@@ -139,7 +112,10 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     before = migrate.current(url)
     migrate.upgrade(url, args.revision)
     after = migrate.current(url)
-    print(f"catalog {masked(url)}: {before or '(empty)'} -> {after}")
+    if args.json:
+        _print_json({"catalog": masked(url), "before": before, "after": after})
+    else:
+        print(f"catalog {masked(url)}: {before or '(empty)'} -> {after}")
     return 0
 
 
@@ -148,7 +124,11 @@ def cmd_db_downgrade(args: argparse.Namespace) -> int:
     url = _url(args)
     before = migrate.current(url)
     migrate.downgrade(url, args.revision)
-    print(f"catalog {masked(url)}: {before} -> {migrate.current(url) or '(empty)'}")
+    after = migrate.current(url)
+    if args.json:
+        _print_json({"catalog": masked(url), "before": before, "after": after})
+    else:
+        print(f"catalog {masked(url)}: {before} -> {after or '(empty)'}")
     return 0
 
 
@@ -171,8 +151,18 @@ def cmd_db_history(args: argparse.Namespace) -> int:
 
     script = ScriptDirectory.from_config(migrate.alembic_config())
     revs = list(script.walk_revisions())[::-1]
-    for r in revs:
-        print(f"{r.revision}  {(r.doc or '').strip().splitlines()[0] if r.doc else ''}")
+    titles = [(r.doc or "").strip().splitlines()[0] if (r.doc or "").strip() else "" for r in revs]
+    if args.json:
+        head = migrate.head_revision()
+        _print_json(
+            [
+                {"revision": r.revision, "down_revision": r.down_revision, "title": t, "head": r.revision == head}
+                for r, t in zip(revs, titles, strict=True)
+            ]
+        )
+        return 0
+    for r, t in zip(revs, titles, strict=True):
+        print(f"{r.revision}  {t}")
     return 0
 
 
@@ -210,7 +200,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
         for r in rows:
             w.writerow(["" if v is None else (v.isoformat() if isinstance(v, datetime) else v) for v in r])
     elif res.columns:
-        print(table(rows, res.columns))
+        out.print_table(rows, res.columns)
         print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return 0
 
@@ -226,23 +216,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(runs)
         return 0
-    print(
-        table(
-            [
-                (
-                    r["run_name"],
-                    r["committed"],
-                    r["deleted"],
-                    r["damaged"],
-                    r["last_step"],
-                    _human_bytes(r["bytes_on_disk"]),
-                    r["pins"],
-                    str(r["last_committed_at"] or "-")[:19],
-                )
-                for r in runs
-            ],
-            ["run", "committed", "deleted", "damaged", "last step", "on disk", "pins", "last commit (UTC)"],
-        )
+    out.print_table(
+        [
+            (
+                r["run_name"],
+                r["committed"],
+                r["deleted"],
+                r["damaged"],
+                r["last_step"],
+                _human_bytes(r["bytes_on_disk"]),
+                r["pins"],
+                str(r["last_committed_at"] or "-")[:19],
+            )
+            for r in runs
+        ],
+        ["run", "committed", "deleted", "damaged", "last step", "on disk", "pins", "last commit (UTC)"],
     )
     return 0
 
@@ -313,24 +301,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     if d["model_metadata"]:
         print(f"model.yaml {json.dumps(d['model_metadata'], default=str)}")
     print("\nfiles")
-    print(
-        table(
-            [
-                (f.path, f.size_bytes, f"{f.hash_algorithm}:{f.digest}", f.kind, "removed" if f.removed else "")
-                for f in d["files"]
-            ],
-            ["path", "bytes", "digest", "kind", ""],
-        )
+    out.print_table(
+        [
+            (f.path, f.size_bytes, f"{f.hash_algorithm}:{f.digest}", f.kind, "removed" if f.removed else "")
+            for f in d["files"]
+        ],
+        ["path", "bytes", "digest", "kind", ""],
     )
     print("\nhistory")
-    print(
-        table(
-            [
-                (_time(e["at"]), e["from_state"] or "-", e["to_state"], e["reason"] or "", e["host"])
-                for e in d["events"]
-            ],
-            ["at", "from", "to", "reason", "host"],
-        )
+    out.print_table(
+        [(_time(e["at"]), e["from_state"] or "-", e["to_state"], e["reason"] or "", e["host"]) for e in d["events"]],
+        ["at", "from", "to", "reason", "host"],
     )
     if d["other_rows"]:
         others = ", ".join(f"#{r.id} {r.state}" for r in d["other_rows"])
@@ -351,7 +332,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     lower = True if args.lower_better else (False if args.higher_better else None)
     pts = plot_metric(_url(args), args.run, args.metric, Path(args.output), lower_better=lower)
-    print(f"wrote {args.output}: {len(pts)} checkpoints of run {args.run!r} by {args.metric!r}")
+    if args.json:
+        _print_json({"output": args.output, "run": args.run, "metric": args.metric, "points": len(pts)})
+    else:
+        print(f"wrote {args.output}: {len(pts)} checkpoints of run {args.run!r} by {args.metric!r}")
     return 0
 
 
@@ -396,7 +380,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if sel.checkpoint.scores:
         meta["scores"] = json.dumps(sel.checkpoint.scores)
     save_file(tensors, args.output, metadata=meta)
-    print(f"wrote {args.output}: run {sel.run.name!r} step {sel.checkpoint.step_nr}, {len(tensors)} tensors")
+    if args.json:
+        _print_json({"output": args.output, "tensors": len(tensors), "metadata": meta})
+    else:
+        print(f"wrote {args.output}: run {sel.run.name!r} step {sel.checkpoint.step_nr}, {len(tensors)} tensors")
     return 0
 
 
@@ -419,11 +406,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     verb = "would adopt" if rep.dry_run else "adopted"
     print(f"run {rep.run}  ({rep.checkpoint_dir})  catalog {masked(url)}")
     if rep.steps:
-        print(
-            table(
-                [(s.step_nr, len(s.files), _human_bytes(s.total_bytes), s.scores.get("score", "-")) for s in rep.steps],
-                ["step", "files", "size", "score"],
-            )
+        out.print_table(
+            [(s.step_nr, len(s.files), _human_bytes(s.total_bytes), s.scores.get("score", "-")) for s in rep.steps],
+            ["step", "files", "size", "score"],
         )
     print(f"{verb} {len(rep.adopted)} checkpoint(s); {len(rep.already)} already in the catalog")
     for name, why in sorted(rep.skipped.items()):
@@ -468,6 +453,7 @@ def _add_analysis_commands(sub: Any) -> None:
     d = p.add_mutually_exclusive_group()
     d.add_argument("--lower-better", action="store_true", help="annotate the lowest value as best")
     d.add_argument("--higher-better", action="store_true", help="annotate the highest value as best")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("export", cmd_export)
     _catalog_args(p)
@@ -480,6 +466,7 @@ def _add_analysis_commands(sub: Any) -> None:
     p.add_argument("--lower-better", action="store_true", help="with --best: lower values are better")
     p.add_argument("--no-verify", action="store_true", help="skip the digest check of the model file")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("import", cmd_import)
     _catalog_args(p)
@@ -494,14 +481,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Re-hash every file of committed checkpoints and compare with the catalog (exit 1 if any is bad)."""
     from ckptdb import verify
 
-    show_bar = sys.stderr.isatty() if args.progress is None else args.progress
+    show_bar = out.is_terminal(sys.stderr) if args.progress is None else args.progress
+
+    def bar(total_bytes: int) -> out.ByteProgress:  # --progress draws even when stderr is no terminal
+        return out.ByteProgress("verify", total_bytes, force=True if args.progress else None)
+
     report = verify.verify(
         Catalog(_url(args), create=False),
         run=args.run,
         step_nr=args.step,
         include_damaged=args.all,
         digest=not args.size_only,
-        progress_stream=sys.stderr if show_bar else None,
+        progress=bar if show_bar else None,
         force=args.force,
     )
     if args.json:
@@ -509,7 +500,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 0 if report.ok else 1
     for r in report.results:
         files = f"{r.files_checked} file{'' if r.files_checked == 1 else 's'}"
-        print(f"{r.result.upper():8} {r.run}  step {r.step_nr}  ({files}, {r.state_after})")
+        out.echo(
+            f"{r.result.upper():8} {r.run}  step {r.step_nr}  ({files}, {r.state_after})",
+            style=out.status_style(r.result),
+        )
         for p in r.problems:
             print(f"         {p.describe()}")
         if r.note:
@@ -528,20 +522,6 @@ def _run_name(args: argparse.Namespace) -> str:
 
         return default_run_name(Path(args.dir).expanduser().resolve())
     raise CheckpointError("name the run: ckptdb COMMAND RUN (see `ckptdb ls` for the runs)")
-
-
-def _progress(label: str) -> Callable[[int, int, str], None]:
-    """A one-line progress counter on stderr (only when stderr is a terminal, plus the last line)."""
-    tty = sys.stderr.isatty()
-
-    def show(done: int, total: int, what: str) -> None:
-        if tty:
-            end = "\n" if done == total else ""
-            print(f"\r{label}: {done}/{total} {what}\033[K", end=end, file=sys.stderr, flush=True)
-        elif done == total:
-            print(f"{label}: {done}/{total} done", file=sys.stderr)
-
-    return show
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -572,7 +552,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         policy,
         dry_run=args.dry_run,
         preserve_model=args.preserve_model,
-        progress=None if args.json else _progress("prune"),
+        progress=None if args.json else out.step_progress("prune", "ckpt"),
     )
     reason = f"pruned by {policy}"
     if args.json:
@@ -602,7 +582,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     rows = [(s, action(s), rep.plan.reason(s)) for s in rep.plan.keep]
     rows += [(s, action(s), reason if s in to_delete else "model only already") for s in rep.plan.delete]
     print(f"run {rep.run}: policy {rep.policy}" + ("  (dry run: nothing is deleted)" if rep.dry_run else ""))
-    print(table(sorted(rows), ["step", "action", "reason"]))
+    out.print_table(sorted(rows), ["step", "action", "reason"])
     if rep.dry_run:
         print(f"would keep {len(rep.plan.keep)}, delete {len(to_delete)}")
         return 0
@@ -628,7 +608,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         runs,
         dry_run=args.dry_run,
         remove_unknown=args.remove_unknown,
-        progress=None if args.json else _progress("gc"),
+        progress=None if args.json else out.step_progress("gc", "run"),
         force=args.force,
     )
     fields = [
@@ -646,7 +626,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     # a refused run (its directory absent or emptied: unmounted?) is an error, not a finding
     rc = 2 if rep.refused else 0 if rep.ok else 1
     for err in rep.refused.values():
-        print(f"ckptdb: error: {err}", file=sys.stderr)
+        out.print_error(err, out.hint_for(CheckpointDirUnavailableError(err, run="", checkpoint_dir="")))
     if args.json:
         _print_json(
             {
@@ -689,7 +669,10 @@ def cmd_pin(args: argparse.Namespace) -> int:
     cat = Catalog(_url(args), create=False)
     run = cat.get_run(args.run)
     cat.pin(run.id, validation.step_nr(args.step), validation.name(args.label, "pin label"))
-    print(f"run {run.name}: step {args.step} pinned as {args.label!r}")
+    if args.json:
+        _print_json({"run": run.name, "step": args.step, "label": args.label, "pinned": True})
+    else:
+        print(f"run {run.name}: step {args.step} pinned as {args.label!r}")
     return 0
 
 
@@ -699,11 +682,14 @@ def cmd_unpin(args: argparse.Namespace) -> int:
 
     cat = Catalog(_url(args), create=False)
     run = cat.get_run(args.run)
-    if cat.unpin(run.id, validation.name(args.label, "pin label")):
+    removed = cat.unpin(run.id, validation.name(args.label, "pin label"))
+    if args.json:
+        _print_json({"run": run.name, "label": args.label, "removed": removed})
+    elif removed:
         print(f"run {run.name}: pin {args.label!r} removed")
-        return 0
-    print(f"run {run.name}: no pin labelled {args.label!r}", file=sys.stderr)
-    return 1
+    else:
+        print(f"run {run.name}: no pin labelled {args.label!r}", file=sys.stderr)
+    return out.EXIT_OK if removed else out.EXIT_FINDINGS
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -728,8 +714,16 @@ def _catalog_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dir", help="a checkpoint directory: use its own SQLite catalog")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line and a hint (exit 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        out.print_error(message, f"see `{self.prog} --help`")
+        sys.exit(out.EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckptdb", description="Transactional PyTorch checkpoints over a SQL catalog.")
+    parser = _Parser(prog="ckptdb", description="Transactional PyTorch checkpoints over a SQL catalog.")
     from ckptdb import __version__
 
     parser.add_argument("--version", action="version", version=f"ckptdb {__version__}")
@@ -791,12 +785,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("step", type=int)
     p.add_argument("--label", required=True, help="e.g. release-1")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_pin)
 
     p = sub.add_parser("unpin", help=cmd_unpin.__doc__, description=cmd_unpin.__doc__)
     _catalog_args(p)
     p.add_argument("run")
     p.add_argument("--label", required=True)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_unpin)
 
     db = sub.add_parser("db", help="schema migrations: upgrade, downgrade, current, history")
@@ -804,16 +800,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = dbsub.add_parser("upgrade", help=cmd_db_upgrade.__doc__, description=cmd_db_upgrade.__doc__)
     _catalog_args(p)
     p.add_argument("--revision", default="head", help="target revision (default: head)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_db_upgrade)
     p = dbsub.add_parser("downgrade", help=cmd_db_downgrade.__doc__, description=cmd_db_downgrade.__doc__)
     _catalog_args(p)
     p.add_argument("revision", help="target revision ('base' removes every table)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_db_downgrade)
     p = dbsub.add_parser("current", help=cmd_db_current.__doc__, description=cmd_db_current.__doc__)
     _catalog_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_db_current)
     p = dbsub.add_parser("history", help=cmd_db_history.__doc__, description=cmd_db_history.__doc__)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_db_history)
     _add_analysis_commands(sub)
 
@@ -826,17 +825,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``ckptdb`` command; the exit code (see :mod:`ckptdb.cli_output` and docs/cli.md)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a usage error, already printed (2)
+        return e.code if isinstance(e.code, int) else out.EXIT_USAGE
+    command = " ".join(filter(None, [getattr(args, "command", None), getattr(args, "db_command", None)]))
     try:
         rc: int = args.func(args)
         return rc
-    except CheckpointError as e:
+    except BrokenPipeError:  # the reader went away (`ckptdb ls | head -1`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return out.EXIT_BROKEN_PIPE
+    except (CheckpointError, OSError) as e:
         url = getattr(args, "url", None) or os.environ.get("CKPTDB_URL")
-        print(f"ckptdb: error: {scrub(str(e), url)}", file=sys.stderr)
-        return 2
+        out.print_error(scrub(str(e), url), out.hint_for(e, command))
+        return out.EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return out.EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

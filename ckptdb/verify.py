@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from ckptdb import _proc
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, ShardInfo
@@ -121,6 +121,14 @@ class VerifyReport:
     @property
     def bad(self) -> list[CheckpointResult]:
         return [r for r in self.results if not r.ok]
+
+
+class ProgressBar(Protocol):
+    """What :func:`verify` draws progress on: ``set_label()`` per checkpoint, ``bar(n)`` per n bytes read."""
+
+    def set_label(self, label: str) -> None: ...
+    def __call__(self, n: int) -> None: ...
+    def close(self) -> None: ...
 
 
 class Progress:
@@ -331,6 +339,7 @@ def verify(
     record: bool = True,
     progress_stream: IO[str] | None = None,
     force: bool = False,
+    progress: Callable[[int], ProgressBar] | None = None,
 ) -> VerifyReport:
     """Verify the selected checkpoints (every run's committed ones by default).
 
@@ -345,6 +354,8 @@ def verify(
         force: judge a run even when its directory is absent or holds none of its committed
             checkpoints (by default that refuses: it is far more often an unmounted filesystem
             than every checkpoint lost).
+        progress: makes the progress bar, given the total bytes to read (e.g. the CLI's rich bar);
+            takes precedence over ``progress_stream``.
 
     Raises:
         CheckpointDirUnavailableError: a selected run's directory is absent or holds none of its
@@ -354,9 +365,12 @@ def verify(
     if not force:
         for r in {r.id: r for r, _ in chosen}.values():
             require_directory(catalog, r, Path(r.checkpoint_dir))
-    bar: Progress | None = None
-    if progress_stream is not None:
-        bar = Progress(sum(c.total_bytes or 0 for _, c in chosen), progress_stream)
+    bar: ProgressBar | None = None
+    total = sum(c.total_bytes or 0 for _, c in chosen)
+    if progress is not None:
+        bar = progress(total)
+    elif progress_stream is not None:
+        bar = Progress(total, progress_stream)
     report = VerifyReport()
     try:
         for r, c in chosen:

@@ -124,7 +124,7 @@ def test_verify_cli_selection_progress_and_errors(
     assert main(["verify", "--url", catalog_url, "exp", "--step", "20", "--progress"]) == 0
     out = capsys.readouterr()
     assert "OK       exp  step 20" in out.out and "1 checkpoint(s) verified, 0 with problems" in out.out
-    assert "verify [" in out.err and "100%" in out.err
+    assert "verify" in out.err and "━" in out.err and "100%" in out.err  # --progress: a bar even on a pipe
     assert main(["verify", "--url", catalog_url, "nope"]) == 2
     assert "no run named 'nope'" in capsys.readouterr().err
     assert main(["verify", "--dir", str(mgr.checkpoint_dir / "nowhere")]) == 2
