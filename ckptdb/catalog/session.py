@@ -108,6 +108,14 @@ def _install_sqlite_pragmas(engine: Engine) -> None:
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
 
+    @event.listens_for(engine, "handle_error")
+    def _on_error(ctx: Any) -> None:
+        # When SQLite cannot open the file read-write (a transient EIO/EROFS at open), it silently
+        # opens it read-only, and that connection stays read-only in the pool: every later write of
+        # this process would fail. Drop such connections: the next transaction opens afresh.
+        if "readonly database" in str(ctx.original_exception).lower():
+            ctx.is_disconnect = True
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # Writers take the write lock up front: no deadlock-prone read->write lock upgrades.
