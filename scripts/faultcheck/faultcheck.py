@@ -90,8 +90,7 @@ for _k in ("write", "pwrite64"):
     ERRNOS[_k] = [errno.EIO, errno.ENOSPC]
 for _k in ("rename", "renameat", "renameat2", "mkdir", "mkdirat", "openat"):
     ERRNOS[_k] = [errno.EIO, errno.EROFS]
-SYNC_KINDS = {"fsync", "fdatasync"}
-PROTOCOLS = ["save", "async_save", "overwrite", "delete", "prune", "gc", "recovery", "import"]
+PROTOCOLS = ["save", "save_large", "async_save", "overwrite", "delete", "prune", "gc", "recovery", "import"]
 LATER_STEP = 9
 # SQLite's words for the errnos (sqlite3_errstr of SQLITE_IOERR / SQLITE_FULL / SQLITE_READONLY / SQLITE_CANTOPEN)
 SQLITE_WORDS = ("disk I/O error", "database or disk is full", "readonly database", "unable to open database file")
@@ -124,6 +123,7 @@ class Shim:
             raise SystemExit("faultshim.so is not preloaded (LD_PRELOAD)") from e
         lib.faultshim_start.argtypes = [ctypes.c_char_p]
         lib.faultshim_arm.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_int]
+        lib.faultshim_arm_suffix.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_int, ctypes.c_char_p]
         lib.faultshim_count.restype = ctypes.c_long
         lib.faultshim_seq.restype = ctypes.c_long
         lib.faultshim_fired_seq.restype = ctypes.c_long
@@ -133,8 +133,9 @@ class Shim:
     def start(self, root: Path) -> None:
         self.lib.faultshim_start(os.fsencode(root))
 
-    def arm(self, kind: str, n: int, err: int) -> None:
-        self.lib.faultshim_arm(KINDS.index(kind), n, err)
+    def arm(self, kind: str, n: int, err: int, suffix: str = "") -> None:
+        """Fail the Nth call of ``kind`` (counting only paths ending with ``suffix``, when given)."""
+        self.lib.faultshim_arm_suffix(KINDS.index(kind), n, err, suffix.encode())
 
     def stop(self) -> None:
         self.lib.faultshim_stop()
@@ -147,16 +148,25 @@ class Shim:
         return int(self.lib.faultshim_seq())
 
     def fired(self) -> tuple[bool, int, str]:
-        return bool(self.lib.faultshim_fired()), int(self.lib.faultshim_fired_seq()), self.lib.faultshim_fired_path().decode()
+        return (
+            bool(self.lib.faultshim_fired()),
+            int(self.lib.faultshim_fired_seq()),
+            self.lib.faultshim_fired_path().decode(),
+        )
 
 
 # -- states and protocols ----------------------------------------------------------------------
 
 
-def make_state(seed: int) -> dict[str, Any]:
+LARGE = 40 << 20  # bytes of the large save: past the 32 MiB window of streamed writeback (sync_file_range)
+
+
+def make_state(seed: int, large: bool = False) -> dict[str, Any]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    if large:
+        return {"model": {"w": torch.full((LARGE // 4,), float(seed)), "b": torch.randn(4, generator=g)}, "seed": seed}
     return {
         "model": {"w": torch.randn(4, 4, generator=g), "b": torch.randn(4, generator=g)},
         "optimizer": {"state": {0: {"m": torch.randn(4, generator=g)}}, "param_groups": [{"lr": 0.1}]},
@@ -177,9 +187,9 @@ def manager(d: Path, **kw: Any) -> Any:
     return FileCheckpointManager(d, run="fault", **kw)
 
 
-def save(m: Any, step: int, seed: int, **kw: Any) -> None:
+def save(m: Any, step: int, seed: int, large: bool = False, **kw: Any) -> None:
     m.begin_checkpoint(step, **kw)
-    m.save_state(make_state(seed))
+    m.save_state(make_state(seed, large))
     m.save_score(float(seed))
     m.commit_checkpoint()
 
@@ -191,7 +201,7 @@ def _die_in_child(fn: Callable[[], None]) -> None:
         code = 0
         try:
             fn()
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - reported, then the child ends
             traceback.print_exc()
             code = 3
         os._exit(code)
@@ -303,6 +313,13 @@ class Save(Protocol):
         return [{1: 1, 2: 2, 3: 3}] if ok else [{1: 1, 2: 2}]
 
 
+class SaveLarge(Save):
+    name = "save_large"
+
+    def run(self, m: Any, d: Path) -> None:
+        save(m, 3, 3, large=True)
+
+
 class AsyncSave(Save):
     name = "async_save"
 
@@ -354,8 +371,8 @@ class Gc(Protocol):
         setup_debris(d)
 
     def open(self, d: Path) -> Any:
-        from ckptdb.catalog.store import Catalog
         from ckptdb.catalog.session import sqlite_url
+        from ckptdb.catalog.store import Catalog
 
         return Catalog(sqlite_url(d / "catalog.db"))
 
@@ -408,7 +425,9 @@ class Import(Protocol):
         return [{1: 1, 2: 2}]  # after the later import: both adopted
 
 
-ALL: dict[str, Protocol] = {p.name: p for p in (Save(), AsyncSave(), Overwrite(), Delete(), Prune(), Gc(), Recovery(), Import())}
+ALL: dict[str, Protocol] = {
+    p.name: p for p in (Save(), SaveLarge(), AsyncSave(), Overwrite(), Delete(), Prune(), Gc(), Recovery(), Import())
+}
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -422,7 +441,7 @@ def _in_child(fn: Callable[[], Any], timeout: float = 120.0) -> Any:
         os.close(r)
         try:
             out = fn()
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - reported to the parent
             out = {"crash": traceback.format_exc()}
         data = json.dumps(out).encode()
         with os.fdopen(w, "wb") as f:
@@ -455,8 +474,9 @@ def _in_child(fn: Callable[[], Any], timeout: float = 120.0) -> Any:
     return {"crash": "child died without a result"} if out is None else out
 
 
-def faulted(proto: Protocol, work: Path, kind: str | None, n: int, err: int) -> dict[str, Any]:
-    """The protocol with the Nth call of kind failing (kind None: count only); then the later save."""
+def faulted(proto: Protocol, work: Path, kind: str | None, n: int, err: int, suffix: str = "") -> dict[str, Any]:
+    """The protocol with the Nth call of kind failing (kind None: count only; ``suffix``: count only
+    paths ending so); then the later save."""
     from ckptdb.catalog import store
     from ckptdb.errors import CheckpointError
 
@@ -475,7 +495,7 @@ def faulted(proto: Protocol, work: Path, kind: str | None, n: int, err: int) -> 
     store.Catalog.commit = commit  # type: ignore[method-assign]
     m = proto.open(d)
     if kind is not None:
-        shim.arm(kind, n, err)
+        shim.arm(kind, n, err, suffix)
     shim.start(work)
     in_protocol[0] = True
     try:
@@ -529,10 +549,12 @@ def check(proto: Protocol, work: Path, res: dict[str, Any], kind: str | None, er
     if res.get("later") is not None:
         v.append(f"the process cannot go on: the later save failed: {res['later']}")
     # fsync: fatal for the checkpoint
+    # ckptdb syncs with fsync(); fdatasync() is SQLite's (its files, and its directory after creating
+    # the WAL, whose result SQLite itself ignores: unixSync + UNIXFILE_DIRSYNC): judged by the rules above
     if (
         fired
-        and kind in SYNC_KINDS
-        and proto.name in ("save", "async_save", "overwrite")
+        and kind == "fsync"
+        and proto.name in ("save", "save_large", "async_save", "overwrite")
         and res.get("fired_path", "").startswith(str(d))
         and not res["fired_path"].endswith(("catalog.db", "catalog.db-wal", "catalog.db-shm", "catalog.db-journal"))
         and res.get("commit_seq") is not None
@@ -579,7 +601,7 @@ def check(proto: Protocol, work: Path, res: dict[str, Any], kind: str | None, er
             else:
                 import torch
 
-                exp = make_state(int(st.get("seed", -1)))
+                exp = make_state(int(st.get("seed", -1)), large=st["model"]["w"].numel() * 4 == LARGE)
                 if not torch.equal(st["model"]["w"], exp["model"]["w"]):
                     v.append(f"step {s} content does not match its seed")
         if committed:
@@ -676,7 +698,8 @@ def enumerate_protocol(
                         "error": res.get("error"),
                         "message": res.get("message"),
                         "violations": viol,
-                        "trace": res.get("trace") or res.get("later_trace"),
+                        "trace": res.get("trace"),
+                        "later_trace": res.get("later_trace"),
                     }
                     out["violations"].append(rec)
                     log_fn(f"VIOLATION {proto.name} {kind}#{n} {errno.errorcode[err]}: {viol}")
@@ -705,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         env.pop("CKPTDB_URL")
         os.execve(sys.executable, [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env)
 
-    logging.disable(logging.WARNING)
+    logging.disable(logging.CRITICAL)  # the errors are judged, not logged
     import torch  # noqa: F401  (imported once, before the forks)
 
     import ckptdb  # noqa: F401

@@ -9,7 +9,8 @@
  * /proc/self/fd) are counted, and only between faultshim_start() and faultshim_stop(): the protocol
  * phase. Counters are global to the process (every thread), so "the Nth call" is one call, whatever
  * thread makes it (strace's when=N counts per thread). faultshim_arm(kind, n, errno) makes the Nth
- * counted call of that kind fail with errno without reaching the kernel; exactly once.
+ * counted call of that kind fail with errno without reaching the kernel; exactly once
+ * (faultshim_arm_suffix: the Nth of those whose path ends with a suffix, for regression tests).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -40,6 +41,8 @@ static long seq = 0;
 static int armed_kind = -1;
 static long armed_n = 0;
 static int armed_errno = 0;
+static char armed_suffix[256];  /* "": every path; else only paths ending so count toward N */
+static long armed_count = 0;
 static volatile int fired = 0;
 static long fired_seq = 0;
 static char fired_path[PATH_MAX];
@@ -69,12 +72,19 @@ void faultshim_start(const char *r) {
     pthread_mutex_unlock(&mu);
 }
 void faultshim_stop(void) { active = 0; }
-void faultshim_arm(int k, long n, int err) {
+void faultshim_arm_suffix(int k, long n, int err, const char *suffix) {
     pthread_mutex_lock(&mu);
-    armed_kind = k; armed_n = n; armed_errno = err;
+    armed_kind = k; armed_n = n; armed_errno = err; armed_count = 0;
+    snprintf(armed_suffix, sizeof armed_suffix, "%s", suffix ? suffix : "");
     pthread_mutex_unlock(&mu);
 }
+void faultshim_arm(int k, long n, int err) { faultshim_arm_suffix(k, n, err, ""); }
 void faultshim_disarm(void) { faultshim_arm(-1, 0, 0); }
+
+static int ends_with(const char *p, const char *suffix) {
+    size_t a = strlen(p), b = strlen(suffix);
+    return a >= b && strcmp(p + a - b, suffix) == 0;
+}
 
 static int under_root(const char *p) {
     size_t n = root_len;
@@ -105,9 +115,10 @@ static void at_path(int dirfd, const char *p, char *out, size_t len) {
 static int decide(int kind, const char *path) {
     if (!active || !under_root(path)) return 0;
     pthread_mutex_lock(&mu);
-    long c = ++counts[kind];
+    ++counts[kind];
     long s = ++seq;
-    int fail = (!fired && kind == armed_kind && c == armed_n);
+    int fail = 0;
+    if (!fired && kind == armed_kind && ends_with(path, armed_suffix)) fail = (++armed_count == armed_n);
     int err = armed_errno;
     if (fail) {
         fired = 1;
