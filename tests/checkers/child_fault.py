@@ -9,6 +9,8 @@ Modes:
     shm      (LD_PRELOAD=faultshim.so; DIR/ck made by ``debris``) scripts/faultcheck's recovery
              protocol (open a manager) while the first create-open of ``catalog.db-shm`` fails with
              EIO, then, faults off, save step 9 in the same process; print the outcome as JSON
+    walsync  (LD_PRELOAD=faultshim.so; DIR/ck made by ``debris``) save step 3 while the catalog
+             commit's fdatasync of the WAL fails; die right after (see the function)
     state    print JSON: committed steps, rows left pending/deleting, debris directories
 """
 
@@ -21,12 +23,39 @@ import os
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts" / "faultcheck"))
 
 import faultcheck  # noqa: E402
+
+
+def wal_sync_fails_at_commit_then_crash(d: Path) -> None:
+    """Save step 3; the catalog commit's fdatasync of ``catalog.db-wal`` fails with EIO; the process
+    dies (exit 9) right after, before the manager undoes the publish. The failed transaction's frames
+    must not come back as committed when the catalog is next opened."""
+    import ckptdb.manager as manager_mod
+    from ckptdb.catalog import store
+
+    shim = faultcheck.Shim()
+    real_commit = store.Catalog.commit
+
+    def commit(self: Any, *a: Any, **k: Any) -> Any:
+        shim.arm("fdatasync", 1, errno.EIO, "catalog.db-wal")  # the COMMIT at the end of the run lock
+        shim.start(d)
+        return real_commit(self, *a, **k)
+
+    def die(*a: Any, **k: Any) -> None:
+        print(f"FIRED {shim.fired()[0]}", flush=True)
+        os._exit(9)
+
+    store.Catalog.commit = commit  # type: ignore[method-assign]
+    manager_mod.FileCheckpointManager._undo_publish = die  # type: ignore[method-assign]
+    m = faultcheck.manager(d / "ck")
+    faultcheck.save(m, 3, 3)
+    print("SAVED (the fault did not fail the commit)", flush=True)
 
 
 def main() -> None:
@@ -45,6 +74,8 @@ def main() -> None:
     elif mode == "shm":  # d: the work directory (the checkpoint directory is d/ck)
         res = faultcheck.faulted(faultcheck.ALL["recovery"], d, "openat", 1, errno.EIO, "catalog.db-shm")
         print(json.dumps({k: res.get(k) for k in ("fired", "fired_path", "error", "message", "later")}))
+    elif mode == "walsync":  # (LD_PRELOAD=faultshim.so; d/ck made by ``debris``)
+        wal_sync_fails_at_commit_then_crash(d)
     elif mode == "state":
         con = sqlite3.connect(d / "catalog.db")
         rows = con.execute("SELECT step_nr, state FROM checkpoints").fetchall()

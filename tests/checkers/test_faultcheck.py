@@ -8,6 +8,9 @@ regression tests for what the full enumeration (``make faultcheck``) found.
 - ``test_sqlite_read_only_fallback_does_not_stick``: a failed create-open of ``catalog.db-shm``
   made SQLite fall back to a read-only shared-memory index that stayed for the whole process (every
   later write: "attempt to write a readonly database").
+- ``test_failed_wal_sync_never_comes_back_committed``: the catalog commit's fdatasync of the WAL
+  failed (ckptdb said "not committed"), the process died before undoing the publish, and SQLite's
+  WAL recovery on the next open replayed the failed transaction: the checkpoint was committed.
 """
 
 from __future__ import annotations
@@ -104,3 +107,18 @@ def test_sqlite_read_only_fallback_does_not_stick(tmp_path: Path) -> None:
     assert res["later"] is None, res  # ... but the process goes on: a later save commits
     state = json.loads(_child("state", d))
     assert state == {"committed": [2, 9], "unfinished": [], "debris": []}, state
+
+
+def test_failed_wal_sync_never_comes_back_committed(tmp_path: Path) -> None:
+    so = _shim()
+    d = tmp_path / "ck"
+    _child("debris", d)
+    assert _child("open", d).strip() == "OK"  # recovery: steps 1 deleted, 2 committed, no debris
+    cmd = [sys.executable, str(CHILD), "walsync", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(LD_PRELOAD=str(so)), timeout=240)
+    assert out.returncode == 9 and "FIRED True" in out.stdout, out.stdout + out.stderr
+    # the catalog as the next process finds it (SQLite's WAL recovery runs), before ckptdb's recovery
+    assert 3 not in json.loads(_child("state", d))["committed"]
+    assert _child("open", d).strip() == "OK"
+    state = json.loads(_child("state", d))
+    assert state == {"committed": [2], "unfinished": [], "debris": []}, state
