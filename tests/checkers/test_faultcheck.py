@@ -2,7 +2,7 @@
 regression tests for what the full enumeration (``make faultcheck``) found.
 
 - ``test_faultcheck_subset``: the checker itself, N in {1, 2, middle, last} of the main syscalls
-  of save, overwrite, delete, recovery and import (about a minute here).
+  of save, overwrite, delete and recovery (about a minute here; the three tests below about one more).
 - ``test_recovery_eio_is_a_checkpoint_error_under_strace``: a real ``strace --inject`` fsync EIO
   in recovery on open used to escape as a bare ``OSError``.
 - ``test_sqlite_read_only_fallback_does_not_stick``: a failed create-open of ``catalog.db-shm``
@@ -65,7 +65,7 @@ def test_faultcheck_subset(tmp_path: Path) -> None:
         str(CHECKER),
         "--quick",
         "--protocols",
-        "save,overwrite,delete,recovery,import",
+        "save,overwrite,delete,recovery",
         "--kinds",
         "fsync,fdatasync,rename,openat,unlinkat,write",
         "--dir",
@@ -74,8 +74,8 @@ def test_faultcheck_subset(tmp_path: Path) -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 0 and summary["violations"] == 0, out.stdout[-6000:] + out.stderr[-3000:]
-    assert summary["injected"] >= 60, summary
-    assert set(summary["per_protocol"]) == {"save", "overwrite", "delete", "recovery", "import"}
+    assert summary["injected"] >= 50, summary
+    assert set(summary["per_protocol"]) == {"save", "overwrite", "delete", "recovery"}
 
 
 def test_recovery_eio_is_a_checkpoint_error_under_strace(tmp_path: Path) -> None:
