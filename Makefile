@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install demo test lint bench torture clean
+.PHONY: install demo test lint bench torture faultcheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ lint: install
 torture: install
 	rm -rf /tmp/ckptdb-torture && $(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/sqlite/ck
 	$(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/pg/ck --fresh-db --url "$(PG_URL)"
+
+# Failed syscalls below Python (docs/reliability-checkers/fault.md): every protocol, the Nth call of
+# every file-system syscall it makes failed with EIO / ENOSPC / EROFS, for every N (1737 faults, about 20 min here).
+# `make test` runs a two-minute subset (tests/checkers/test_faultcheck.py). Needs gcc (LD_PRELOAD shim).
+faultcheck: install
+	$(BIN)/python scripts/faultcheck/faultcheck.py $(FAULTCHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -196,7 +196,9 @@ def gc(
             )
         except CheckpointDirUnavailableError as e:
             rep.refused[name] = str(e)
-        except (OSError, CheckpointError) as e:
+        except OSError as e:  # EIO, ENOSPC...: recovery is redone by the next gc (or open)
+            rep.errors[name] = f"recovery failed ({e}); nothing committed was lost; run gc again to finish it"
+        except CheckpointError as e:
             rep.errors[name] = str(e)
         if progress is not None:
             progress(i, len(names), name)

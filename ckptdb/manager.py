@@ -243,14 +243,20 @@ class FileCheckpointManager:
         if not os.access(self.checkpoint_dir, os.W_OK):
             log.warning("ckptdb: %s is read-only; skipping recovery (loads still work)", self.checkpoint_dir)
             return None
-        return recover_run(
-            self.catalog,
-            run,
-            self.checkpoint_dir,
-            self._who,
-            stale_after=self.recovery_options.stale_after,
-            fsync=self.save_options.fsync,
-        )
+        try:
+            return recover_run(
+                self.catalog,
+                run,
+                self.checkpoint_dir,
+                self._who,
+                stale_after=self.recovery_options.stale_after,
+                fsync=self.save_options.fsync,
+            )
+        except OSError as e:  # EIO, ENOSPC...: every step of recovery is redone on the next try
+            raise CheckpointError(
+                f"recovery of run {run.name!r} in {str(self.checkpoint_dir)!r} failed ({e}); nothing committed "
+                "was lost; open the manager again (or run `ckptdb gc`) to finish it"
+            ) from e
 
     def recover(self) -> RecoveryReport | None:
         """Roll back dead writers' pending checkpoints and remove debris (done on open)."""

@@ -97,6 +97,25 @@ def parse_url(url: str) -> URL:
         raise CatalogUnavailableError(f"invalid catalog URL {masked(url)!r}: {scrub(str(e), url)}") from None
 
 
+# SQLite's messages for a failure of the file below it (SQLITE_IOERR, _READONLY, _CANTOPEN, _FULL).
+# When SQLite cannot open the database or its -wal/-shm read-write (a transient EIO/EROFS), it
+# silently falls back to read-only, and that state is kept per file for as long as any connection
+# of the process has it open: every later write would fail with "attempt to write a readonly
+# database". After such an error the connection is dropped and the engine's pool disposed, so the
+# next transaction opens the file afresh (found by scripts/faultcheck).
+_SQLITE_FILE_ERRORS = (
+    "disk i/o error",
+    "readonly database",
+    "unable to open database file",
+    "database or disk is full",
+)
+
+
+def _sqlite_file_error(message: str) -> bool:
+    low = message.lower()
+    return any(w in low for w in _SQLITE_FILE_ERRORS)
+
+
 def _install_sqlite_pragmas(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -107,6 +126,18 @@ def _install_sqlite_pragmas(engine: Engine) -> None:
         cur.execute("PRAGMA synchronous = FULL")
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(ctx: Any) -> None:
+        # the file failed below SQLite: this connection is not reused (see _SQLITE_FILE_ERRORS)
+        if _sqlite_file_error(str(ctx.original_exception)):
+            ctx.is_disconnect = True
+            cursor = getattr(ctx.execution_context, "cursor", None)
+            if cursor is not None:  # an open statement would keep the closed connection (and its
+                try:  # read-only fallback) alive as a zombie (sqlite3_close_v2): finalize it now
+                    cursor.close()
+                except Exception:  # noqa: BLE001 - best effort; the error itself is raised below
+                    pass
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
@@ -183,6 +214,10 @@ def dispose_engines() -> None:
 def translate(error: Exception, url: str) -> CatalogError:
     """Map a SQLAlchemy / driver error to a ckptdb error that names the (masked) catalog."""
     orig = getattr(error, "orig", None)
+    if url.startswith("sqlite") and _sqlite_file_error(str(orig if orig is not None else error)):
+        engine = _engines.get(url)
+        if engine is not None:  # start afresh: no connection keeps SQLite's read-only fallback alive
+            engine.dispose()
     detail = (str(orig) if orig is not None else str(error)).strip().splitlines()
     first = scrub(detail[0], url) if detail else type(error).__name__
     where = masked(url)
