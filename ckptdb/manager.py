@@ -379,13 +379,34 @@ class FileCheckpointManager:
 
     def _fail(self, op: _Open, what: str, exc: BaseException) -> CheckpointError:
         """A save step failed on some rank: roll the checkpoint back everywhere."""
+        gone = self._rolled_back_elsewhere(op)
         self._rollback(op, f"{what} failed: {exc}")
+        if gone is not None and "rolled back by another process" not in str(exc):
+            # e.g. a writer frozen past RecoveryOptions.stale_after whose temporary directory another
+            # host's recovery removed: say so, not just the ENOENT that followed
+            return CheckpointError(
+                f"step {op.step_nr}: the pending checkpoint was rolled back by another process ({gone}) "
+                f"while this writer was away; {what} then failed ({exc}); nothing was published, "
+                "earlier checkpoints are intact"
+            )
         if isinstance(exc, CheckpointError):
             return exc
         return CheckpointError(
             f"step {op.step_nr}: {what} failed ({exc}); the pending checkpoint was rolled back, "
             "earlier checkpoints are intact"
         )
+
+    def _rolled_back_elsewhere(self, op: _Open) -> str | None:
+        """The row's state when another process moved it on (no longer ``pending``), else None."""
+        if not self.is_coordinator or op.info is None:
+            return None
+        try:
+            row = self.catalog.by_tokens([op.token]).get(op.token)
+        except CheckpointError:  # catalog unreachable: nothing more to say
+            return None
+        if row is None:
+            return "its row is gone"
+        return None if row.state == State.PENDING.value else f"now {row.state}"
 
     def _rollback(self, op: _Open, reason: str) -> None:
         self._open = None
