@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install demo test lint bench torture clean
+.PHONY: install demo test lint bench torture racecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ lint: install
 torture: install
 	rm -rf /tmp/ckptdb-torture && $(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/sqlite/ck
 	$(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/pg/ck --fresh-db --url "$(PG_URL)"
+
+# Every (hook point, second operation) interleaving of two processes, on SQLite and PostgreSQL
+# (docs/reliability-checkers/race.md; ~30 min per backend on 2 shared cores). `make test` runs 15 pairs.
+racecheck: install
+	$(BIN)/python scripts/racecheck.py --pg-url "$(PG_URL)" --out racecheck.json
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

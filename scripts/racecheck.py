@@ -180,11 +180,11 @@ def _op(cmd: dict[str, Any], res: dict[str, Any]) -> None:
 
 def worker() -> None:
     """Read one JSON command per line from stdin; answer one JSON result per line on stdout."""
+    import torch  # noqa: F401  (imported once, before the first command)
+
     from ckptdb import _hooks
     from ckptdb.catalog.session import dispose_engines
     from ckptdb.errors import CheckpointError
-
-    import torch  # noqa: F401  (imported once, before the first command)
 
     out = sys.stdout
     sys.stdout = sys.stderr  # nothing else may write on the protocol stream
@@ -196,7 +196,7 @@ def worker() -> None:
             _op(cmd, res)
         except CheckpointError as e:
             res.update(ok=False, clear=True, error=f"{type(e).__name__}: {e}")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (any other exception is a violation: reported, not raised)
             res.update(ok=False, clear=False, error=f"{type(e).__name__}: {e}", tb=traceback.format_exc()[-3000:])
         finally:
             _hooks.configure(None)
@@ -521,9 +521,7 @@ def check(be: Backend, sc: Scenario) -> None:
             claimed_now = {x["checkpoint_id"] for x in ev if x["id"] >= e["id"] and x["to_state"] == "deleting"}
             newer = [s for s in committed if s > e["step_nr"]]
             still = [
-                s
-                for i, (s, st) in state.items()
-                if st == "committed" and s > e["step_nr"] and i not in claimed_now
+                s for i, (s, st) in state.items() if st == "committed" and s > e["step_nr"] and i not in claimed_now
             ]
             if len(still) < KEEP and len(newer) < KEEP:
                 v.append(f"retention deleted step {e['step_nr']} with only {newer} committed after it at its decision")
@@ -611,6 +609,7 @@ def enumerate_backend(
     a_ops: list[str],
     b_ops: list[str],
     quick: bool,
+    only: list[str],
     max_k: int,
     block_s: float,
     log: Any,
@@ -623,7 +622,9 @@ def enumerate_backend(
     points: dict[str, list[str]] = {}
     try:
         be.build(pool.a)
-        if quick:
+        if only:
+            plan = [(x.split(":")[0], x.split(":")[1], x.split(":")[2]) for x in only]
+        elif quick:
             plan = [(a, p, b) for a, p, b in QUICK]
         else:
             plan = []
@@ -664,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--a", default=",".join(A_OPS), help="operations A (comma list)")
     ap.add_argument("--b", default=",".join(B_OPS), help="second operations B (comma list)")
     ap.add_argument("--quick", action="store_true", help="only the pairs of QUICK")
+    ap.add_argument("--only", action="append", default=[], help="one pair A:point#k:B (repeatable)")
     ap.add_argument("--max-k", type=int, default=2, help="stop at the first k passes of each point")
     ap.add_argument("--block-s", type=float, default=2.0, help="B is blocked when not done after this long")
     ap.add_argument("--root", default=None, help="work directory (default: /dev/shm or /tmp)")
@@ -687,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
                     a_ops=args.a.split(","),
                     b_ops=args.b.split(","),
                     quick=args.quick,
+                    only=args.only,
                     max_k=args.max_k,
                     block_s=args.block_s,
                     log=sys.stderr,

@@ -144,9 +144,7 @@ def hosts(catalog_url: str) -> Iterator[tuple[list[tuple[str, str]], str]]:
             nets.append((ns, host, f"{subnet}.1"))
         fwd = Forwarder([a for _, _, a in nets], pg_port)
         try:
-            urls = [
-                (ns, u.set(host=addr, port=fwd.port).render_as_string(hide_password=False)) for ns, _, addr in nets
-            ]
+            urls = [(ns, u.set(host=addr, port=fwd.port).render_as_string(hide_password=False)) for ns, _, addr in nets]
             yield urls, catalog_url
         finally:
             fwd.close()
