@@ -52,7 +52,7 @@ torture: install
 # Every (hook point, second operation) interleaving of two processes, on SQLite and PostgreSQL
 # (docs/reliability-checkers/race.md; ~30 min per backend on 2 shared cores). `make test` runs 15 pairs.
 racecheck: install
-	$(BIN)/python scripts/racecheck.py --pg-url "$(PG_URL)" --out racecheck.json
+	$(BIN)/python scripts/racecheck.py --pg-url "$(PG_URL)" --out /tmp/ckptdb-racecheck.json
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
