@@ -109,7 +109,6 @@ def _manager(ck: str, url: str, **kw: Any) -> Any:
     return FileCheckpointManager(ck, catalog=url, run=RUN, **kw)
 
 
-
 def _op(cmd: dict[str, Any], res: dict[str, Any]) -> None:
     """Run one operation; hooks are enabled once the manager is open (its own recovery is `recover`'s)."""
     from ckptdb import SaveOptions, _hooks, cleanup, importer, verify
