@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install demo test lint bench torture faultcheck clean
+.PHONY: install demo test lint bench torture faultcheck racecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ torture: install
 # `make test` runs a two-minute subset (tests/checkers/test_faultcheck.py). Needs gcc (LD_PRELOAD shim).
 faultcheck: install
 	$(BIN)/python scripts/faultcheck/faultcheck.py $(FAULTCHECK_ARGS)
+
+# Every (hook point, second operation) interleaving of two processes, on SQLite and PostgreSQL
+# (docs/reliability-checkers/race.md; ~30 min per backend on 2 shared cores). `make test` runs 15 pairs.
+racecheck: install
+	$(BIN)/python scripts/racecheck.py --pg-url "$(PG_URL)" --out /tmp/ckptdb-racecheck.json
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

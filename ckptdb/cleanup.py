@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from ckptdb import _proc
+from ckptdb import _hooks, _proc
 from ckptdb.catalog import Catalog, RunInfo
 from ckptdb.errors import CheckpointDirUnavailableError, CheckpointError
 from ckptdb.recovery import RecoveryReport, finish_delete, recover_run
@@ -85,11 +85,13 @@ def apply_policy(
     claimed = catalog.claim_for_deletion(
         run.id, policy.components(), deletion_reason(policy), who, preserve_model=preserve_model
     )
+    _hooks.hook("retention.after_claim")
     deleted: list[int] = []
     for i, c in enumerate(claimed, 1):
         try:
             finish_delete(catalog, c, checkpoint_dir, who, fsync=fsync)
             deleted.append(c.step_nr)
+            _hooks.hook("retention.after_finish")
         except (OSError, CheckpointError) as e:
             log.warning("ckptdb: step %d of run %r stays 'deleting' (gc finishes it): %s", c.step_nr, run.name, e)
             if failed is not None:

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from ckptdb import __version__, _proc, validation
+from ckptdb import __version__, _hooks, _proc, validation
 from ckptdb.catalog import Catalog, ShardInfo, WriterInfo
 from ckptdb.catalog.session import parse_url
 from ckptdb.errors import (
@@ -227,6 +227,7 @@ def import_directory(
     new_hasher(hash_algorithm)
     run_name = validation.name(run if run is not None else default_run_name(d), "run")
     steps, skipped, warnings = scan(d)
+    _hooks.hook("import.after_scan")
     report = ImportReport(run_name, str(d), dry_run, skipped=skipped, warnings=warnings)
     meta_path = d / layout.MODEL_METADATA_FILE
     if meta_path.is_file():
@@ -284,6 +285,7 @@ def import_directory(
             shards.append(ShardInfo(rel, size, hash_algorithm, digest, _rank(rel), file_kind(rel)))
         try:
             user_metadata = _read_metadata(step_dir, found, report.warnings)
+            _hooks.hook("import.before_adopt")
             catalog.adopt(
                 run_id,
                 found.step_nr,

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
-from ckptdb import __version__, _proc, validation
+from ckptdb import __version__, _hooks, _proc, validation
 from ckptdb.asyncsave import BackgroundCommitter
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, SaveTimings, ShardInfo, WriterInfo
 from ckptdb.catalog.models import State
@@ -316,6 +316,7 @@ class FileCheckpointManager:
                 overwrite=overwrite,
             )
             hold_token(token, self)
+            _hooks.hook("save.after_begin")
             writer = self._writer(step_nr, token)
             try:
                 writer.open(create=True)
@@ -325,6 +326,7 @@ class FileCheckpointManager:
                 raise CheckpointError(
                     f"step {step_nr}: cannot create {str(writer.tmp_dir)!r}: {e}; nothing was saved"
                 ) from e
+            _hooks.hook("save.after_mkdir")
             begun.append((info, token))
             return info, token
 
@@ -383,13 +385,34 @@ class FileCheckpointManager:
 
     def _fail(self, op: _Open, what: str, exc: BaseException) -> CheckpointError:
         """A save step failed on some rank: roll the checkpoint back everywhere."""
+        gone = self._rolled_back_elsewhere(op)
         self._rollback(op, f"{what} failed: {exc}")
+        if gone is not None and "rolled back by another process" not in str(exc):
+            # e.g. a writer frozen past RecoveryOptions.stale_after whose temporary directory another
+            # host's recovery removed: say so, not just the ENOENT that followed
+            return CheckpointError(
+                f"step {op.step_nr}: the pending checkpoint was rolled back by another process ({gone}) "
+                f"while this writer was away; {what} then failed ({exc}); nothing was published, "
+                "earlier checkpoints are intact"
+            )
         if isinstance(exc, CheckpointError):
             return exc
         return CheckpointError(
             f"step {op.step_nr}: {what} failed ({exc}); the pending checkpoint was rolled back, "
             "earlier checkpoints are intact"
         )
+
+    def _rolled_back_elsewhere(self, op: _Open) -> str | None:
+        """The row's state when another process moved it on (no longer ``pending``), else None."""
+        if not self.is_coordinator or op.info is None:
+            return None
+        try:
+            row = self.catalog.by_tokens([op.token]).get(op.token)
+        except CheckpointError:  # catalog unreachable: nothing more to say
+            return None
+        if row is None:
+            return "its row is gone"
+        return None if row.state == State.PENDING.value else f"now {row.state}"
 
     def _rollback(self, op: _Open, reason: str) -> None:
         self._open = None
@@ -489,6 +512,7 @@ class FileCheckpointManager:
         self._write_all(op, "save_state", write)
         if sharded:
             self._write_all(op, "save_state (sharded)", lambda: self._save_sharded(op, {k: state[k] for k in sharded}))
+        _hooks.hook("save.after_write")
         self._heartbeat(op)
 
     def _save_sharded(self, op: _Open, state: dict[str, Any]) -> None:
@@ -610,6 +634,7 @@ class FileCheckpointManager:
         return self._background.wait(timeout)
 
     def _commit(self, op: _Open) -> None:
+        _hooks.hook("commit.start")
         self._heartbeat(op)  # the staged writes and fsyncs below may take long: start them with a fresh beat
         if op.staged:
             staged, op.staged = op.staged, []
@@ -643,6 +668,7 @@ class FileCheckpointManager:
                 op.writer.finalize()
             except OSError as e:
                 raise self._fail(op, "commit_checkpoint", e) from e
+            _hooks.hook("commit.before_lock")
             timings = SaveTimings(op.stage_seconds, op.writer.write_seconds, op.writer.sync_seconds, commit_started)
             moved: bool | None = None  # None: not published
             publishing = False
@@ -659,10 +685,13 @@ class FileCheckpointManager:
                             "earlier checkpoints are intact"
                         )
                     publishing = True
+                    _hooks.hook("commit.locked")
                     moved = publish(self.checkpoint_dir, op.step_nr, op.token, fsync=self.save_options.fsync)
+                    _hooks.hook("commit.after_publish")
                     info = self.catalog.commit(
                         op.info.id, files.values(), op.scores, op.user_metadata, self._who, timings=timings
                     )
+                    _hooks.hook("commit.before_unlock")
             except CheckpointError as e:
                 if moved is None and publishing:
                     raise self._fail(op, "commit_checkpoint", e) from e  # publish put back what it had moved
@@ -679,6 +708,7 @@ class FileCheckpointManager:
                         "and earlier checkpoints are intact"
                     ) from e
                 info = committed  # the COMMIT reached the catalog although the call failed
+            _hooks.hook("commit.after_unlock")
             if moved:
                 try:
                     remove_tree(
@@ -686,6 +716,7 @@ class FileCheckpointManager:
                     )
                 except OSError as e:  # the commit stands; recovery removes the superseded copy
                     log.warning("ckptdb: could not remove the superseded copy of step %d: %s", op.step_nr, e)
+            _hooks.hook("commit.after_remove_old")
             return info
 
         try:
@@ -694,6 +725,7 @@ class FileCheckpointManager:
             self._open = None
             release_token(op.token)
         if self.retention is not None:
+            _hooks.hook("commit.before_retention")
             try:
                 self.apply_retention(self.retention)
             except CheckpointError as e:  # the commit stands; the next commit (or gc) prunes
@@ -1037,10 +1069,12 @@ class FileCheckpointManager:
                 assert live is not None
                 self.catalog.mark_deleting(live.id, reason, self._who, preserve_model=preserve_model)
                 info = dataclasses.replace(live, model_preserved=preserve_model)
+                _hooks.hook("delete.claimed_locked")
         if bad is not None:  # recorded after the lock's transaction ended (a raise inside would roll it back)
             if bad[0].state != State.DELETED.value:
                 self._mark_damaged(bad[0], bad[1])
             raise bad[1]
+        _hooks.hook("delete.after_claim")
         try:
             finish_delete(self.catalog, info, self.checkpoint_dir, self._who, fsync=self.save_options.fsync)
         except OSError as e:
@@ -1109,6 +1143,7 @@ class FileCheckpointManager:
             ):
                 pass
             # one transaction decides (one query) and claims; then the files go (docs/retention.md)
+            _hooks.hook("retention.before_claim")
             return cleanup.apply_policy(
                 self.catalog,
                 self._run,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from ckptdb import _proc, verify
+from ckptdb import _hooks, _proc, verify
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo
 from ckptdb.catalog.models import State
 from ckptdb.errors import CheckpointCorruptError, ConcurrentModificationError
@@ -138,9 +138,12 @@ def recover_run(
         if writer_alive(c, stale_after, now):
             live_pending.add(c.step_nr)
             rep.live_writers.append(c.step_nr)
-        elif dry_run or catalog.abort(c.id, f"writer {c.writer_host}:{c.writer_pid} died before commit", who):
+            continue
+        _hooks.hook("recovery.before_abort")
+        if dry_run or catalog.abort(c.id, f"writer {c.writer_host}:{c.writer_pid} died before commit", who):
             rep.rolled_back.append(c.step_nr)
 
+    _hooks.hook("recovery.after_rollback")
     # 2. finish interrupted deletions (idempotent: a racing deleter loses the conditional update)
     for c in catalog.in_states(run.id, [State.DELETING]):
         if not dry_run:
@@ -151,6 +154,7 @@ def recover_run(
                 continue
         rep.deletions_finished.append(c.step_nr)
 
+    _hooks.hook("recovery.after_deletions")
     rep.unavailable = verify.directory_unavailable(catalog, run, checkpoint_dir)
     if rep.unavailable is not None and not check_files:
         # unmounted or emptied: nothing here says a checkpoint is gone; judge nothing
@@ -171,6 +175,7 @@ def recover_run(
         if wd is not None:
             if wd.kind == "trash":
                 if not dry_run:
+                    _hooks.hook("recovery.before_remove_trash")
                     _remove_quietly(p, fsync=fsync)
                 rep.removed.append(entry.name)
                 continue
@@ -180,6 +185,7 @@ def recover_run(
         if step is not None:
             by_step.setdefault(step, []).append(p)
 
+    _hooks.hook("recovery.after_listing")
     for step, dirs in sorted(by_step.items()):
         if step in live_pending:
             continue  # a live writer is mid-protocol on this step: hands off
@@ -196,6 +202,7 @@ def recover_run(
             dry_run=dry_run,
             alive=lambda c: writer_alive(c, stale_after, now),
         )
+    _hooks.hook("recovery.before_heal")
     _heal_missing(catalog, run, checkpoint_dir, who, rep, dry_run=dry_run)
     if check_files:
         _check_committed_files(catalog, run, checkpoint_dir, who, rep, dry_run=dry_run)
@@ -241,6 +248,7 @@ def _check_committed_files(
             continue  # an overwrite is between its two renames: not damage
         if c.step_nr in rep.marked_missing:
             continue
+        _hooks.hook("gc.before_mark_missing")
         if dry_run:
             rep.marked_missing.append(c.step_nr)
         elif catalog.mark_damaged(c.id, State.MISSING, f"gc: files vanished: {', '.join(gone[:5])}", who):
@@ -296,6 +304,7 @@ def _heal_missing(
         if any(p.problem != "extra" for p in sizes):
             continue  # still gone (or resized): stays missing
         problems = [p for p in verify.check_files(step_dir, shards, digest=True)[0] if p.problem != "extra"]
+        _hooks.hook("heal.before_mark")
         if dry_run:
             if not problems:
                 rep.healed.append(c.step_nr)
@@ -343,7 +352,9 @@ def _reconcile_step(
             if _verified(catalog, checkpoint_dir, pre):
                 verified_id = pre.id
     trash: list[Path] = []
+    _hooks.hook("reconcile.before_lock")
     with catalog.run_lock(run.id):
+        _hooks.hook("reconcile.locked")
         _reconcile_locked(
             catalog,
             run,
@@ -359,6 +370,7 @@ def _reconcile_step(
             alive=alive,
             verified_id=verified_id,
         )
+    _hooks.hook("reconcile.before_rmtree")
     for t in trash:
         _remove_quietly(t, fsync=fsync)
 
@@ -445,6 +457,7 @@ def _reconcile_locked(
         rep.restored.append(step)
         if dry_run:
             return
+        _hooks.hook("reconcile.before_restore")
         keeper_dir.rename(final)
         if fsync:
             fsync_dir(checkpoint_dir)
@@ -492,6 +505,7 @@ def _reconcile_locked(
             continue  # pending of a writer judged alive elsewhere: never touch
         if rows[o].state in (State.COMMITTED.value, State.CORRUPT.value, State.MISSING.value):
             continue  # a live row's copy (not this step's keeper: never ours to remove)
+        _hooks.hook("reconcile.before_trash_debris")
         rep.removed.append(d.name)
         if not dry_run:
             trash.append(to_trash(d, step, fsync=fsync))
@@ -516,6 +530,7 @@ def finish_delete(
     trash: Path | None = None
     with catalog.run_lock(c.run_id):
         now = catalog.by_tokens([c.token]).get(c.token)
+        _hooks.hook("finish_delete.locked")
         if now is None or now.state != State.DELETING.value:
             return []  # finished by another process, or superseded by a commit: not ours any more
         target: Path | None = None
@@ -532,11 +547,13 @@ def finish_delete(
                 _remove_files(now, step_dir, kept, fsync=fsync)
             else:
                 trash = to_trash(target, c.step_nr, fsync=fsync)
+                _hooks.hook("finish_delete.after_trash")
         try:
             catalog.mark_deleted(c.id, who, kept_paths=kept)
         except ConcurrentModificationError:
             pass  # another process finished it first
     if trash is not None:
+        _hooks.hook("finish_delete.before_rmtree")
         remove_trash(trash)
     return kept
 

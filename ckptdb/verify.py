@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from ckptdb import _proc
+from ckptdb import _hooks, _proc
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, ShardInfo
 from ckptdb.catalog.models import State
 from ckptdb.errors import CheckpointCorruptError, CheckpointDirUnavailableError
@@ -301,6 +301,7 @@ def verify_one(
     else:
         problems, checked, hashed = check_files(step_dir, shards, digest=digest, progress=progress)
         result = classify(problems)
+        _hooks.hook("verify.after_hash")
         if not step_dir.exists() and shards:
             result = MISSING
     state_after = info.state

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ckptdb import _hooks
 from ckptdb.errors import CheckpointError, InvalidOperationError
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import Hasher, new_hasher
@@ -357,8 +358,10 @@ def publish(checkpoint_dir: Path, step_nr: int, token: str, *, fsync: bool = Tru
                     f"the committed copy is intact in {str(final)!r}"
                 ) from e
         moved_aside = True
+        _hooks.hook("publish.after_rename_aside")
     try:
         tmp.rename(final)
+        _hooks.hook("publish.after_rename")
         if fsync:
             fsync_dir(checkpoint_dir)
     except OSError as e:
