@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install demo test lint bench torture clean
+.PHONY: install demo test lint bench torture crashcheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ lint: install
 torture: install
 	rm -rf /tmp/ckptdb-torture && $(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/sqlite/ck
 	$(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/pg/ck --fresh-db --url "$(PG_URL)"
+
+# Every crash state (power loss) of every protocol, under the ext4 and strict models
+# (ckptdb/testing/crashcheck.py, docs/reliability-checkers/crash.md; needs strace; about 20 minutes
+# here). `make test` runs a fast subset (tests/checkers/test_crashcheck.py).
+crashcheck: install
+	PYTHONDONTWRITEBYTECODE=1 $(BIN)/python -u -m ckptdb.testing.crashcheck --workdir /tmp/ckptdb-crashcheck $(CRASHCHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
