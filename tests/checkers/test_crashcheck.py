@@ -117,3 +117,36 @@ def test_checker_catches_publish_without_directory_fsync(tmp_path: Path, monkeyp
     res = _run("save", tmp_path)
     assert any("committed step 3" in v and "missing" in v for v in res.violations), res.violations[:3]
     assert os.environ["CKPTDB_CRASH_MUTANT"]  # (the child inherited it)
+
+
+# -- regressions for what the checker found ----------------------------------------------------
+
+
+@pytest.mark.parametrize("token_file", ["torn", "zeros", "empty"])
+def test_recovery_removes_a_dead_writers_tmp_dir_whose_token_file_a_power_loss_tore(
+    tmp_path: Path, token_file: str
+) -> None:
+    """Power loss between the token file's write and its fsync: the file is torn (half of the
+    token), a hole (zeros) or empty. Recovery used to call the directory foreign and leave it
+    forever; the directory's name (only its writer makes ``step_N.tmp-<token>``) decides."""
+    import subprocess
+    import sys
+
+    from ckptdb import FileCheckpointManager
+    from ckptdb.testing import crash_protocols
+
+    root = tmp_path / "root"
+    crash_protocols.setup("save", root)
+    subprocess.run(
+        [sys.executable, "-m", "ckptdb.testing.crash_protocols", "stage", "dead_writer", str(root)], check=False
+    )
+    d = crash_protocols.ckpt_dir(root)
+    [tmp] = list(d.glob("step_5.tmp-*"))
+    token = (tmp / ".ckptdb_token").read_text().strip()
+    torn = {"torn": token[: len(token) // 2], "zeros": "\0" * 17, "empty": ""}[token_file]
+    (tmp / ".ckptdb_token").write_text(torn)
+    with FileCheckpointManager(d) as m:
+        assert m.last_recovery is not None and tmp.name in m.last_recovery.removed
+        assert [c.state for c in m.catalog.checkpoints(m.run.id, step_nr=5)] == ["aborted"]
+        assert m.get_step_numbers() == [1, 2]
+    assert not tmp.exists() and (d / "step_99").is_dir()
