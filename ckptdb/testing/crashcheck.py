@@ -624,13 +624,20 @@ def sentinels(protocol: str, base: Tree) -> dict[str, bytes]:
     return out
 
 
+def _close_connections(session: Any) -> None:
+    """Close the catalog's pooled connections (the next state replaces its files); the engines and
+    their compiled-statement caches stay, which halves the time a state takes."""
+    for engine in list(session._engines.values()):
+        engine.dispose()
+
+
 def check_state(protocol: str, root: Path, expect: Expect) -> tuple[list[str], dict[int, tuple[tuple[str, str], ...]]]:
     """Open a manager on the state in ``root`` (recovery runs) and check the invariants.
 
     Returns (violations, committed steps -> their files' digests).
     """
     from ckptdb import FileCheckpointManager
-    from ckptdb.catalog.session import dispose_engines
+    from ckptdb.catalog import session
     from ckptdb.errors import CheckpointNotFoundError
     from ckptdb.options import LoadOptions
     from ckptdb.storage import layout
@@ -642,7 +649,7 @@ def check_state(protocol: str, root: Path, expect: Expect) -> tuple[list[str], d
     try:
         m = FileCheckpointManager(d, load_options=LoadOptions(fallback=False))
     except Exception as e:
-        dispose_engines()
+        _close_connections(session)
         return [f"open failed: {type(e).__name__}: {e}"], committed
     try:
         cat, run = m.catalog, m.run
@@ -677,7 +684,7 @@ def check_state(protocol: str, root: Path, expect: Expect) -> tuple[list[str], d
     except Exception as e:
         bad.append(f"check failed: {type(e).__name__}: {e}")
     finally:
-        dispose_engines()
+        _close_connections(session)
     for p, want in expect.sentinels.items():
         f = root / p
         if not f.is_file() or f.read_bytes() != want:
