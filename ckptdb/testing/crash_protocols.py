@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+ACK = b"@@crashcheck-ack@@"  # written to stderr once the protocol returned to its caller
+
 PROTOCOLS = (
     "save",
     "async_save",
@@ -187,6 +189,7 @@ def run(protocol: str, root: Path) -> None:
         import_directory(sqlite_url(ckpt_dir(root) / "catalog.db"), ckpt_dir(root))
     else:
         raise SystemExit(f"unknown protocol {protocol}")
+    os.write(2, ACK + b"\n")
 
 
 def main(argv: list[str]) -> None:

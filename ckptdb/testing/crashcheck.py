@@ -63,6 +63,7 @@ TRACED = (
 )
 META = frozenset({"creat", "mkdir", "rename", "unlink", "rmdir"})
 DATA = frozenset({"write", "trunc"})
+ACK = crash_protocols.ACK
 DEBRIS = re.compile(r"\.(tmp|old|trash)-")
 PER_FILE_DROPS = 6  # a file with more volatile writes gets first/middle/last dropped, not each
 
@@ -104,9 +105,7 @@ class Tree:
     content: dict[int, bytearray | None]
 
     def copy(self) -> Tree:
-        return Tree(
-            dict(self.entries), {k: (None if v is None else bytearray(v)) for k, v in self.content.items()}
-        )
+        return Tree(dict(self.entries), {k: (None if v is None else bytearray(v)) for k, v in self.content.items()})
 
     def is_dir(self, path: str) -> bool:
         ino = self.entries.get(path)
@@ -224,7 +223,9 @@ def _unhex(s: str) -> str:
 
 
 def _split_args(s: str) -> list[str]:
-    out, depth, cur, in_str = [], 0, [], False
+    out: list[str] = []
+    cur: list[str] = []
+    depth, in_str = 0, False
     for ch in s:
         if ch == '"':
             in_str = not in_str
@@ -272,6 +273,7 @@ class Recording:
     root: Path
     base: Tree
     ops: list[Op]
+    ack: int  # ops[:ack] were issued when the protocol returned to its caller
     outside: list[str] = field(default_factory=list)  # mutations outside ROOT
     syscalls: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -286,6 +288,7 @@ class _Parser:
         self.offsets: dict[int, int] = {}
         self.outside: list[str] = []
         self.syscalls: dict[str, int] = {}
+        self.ack: int | None = None
 
     def rel(self, path: str) -> str | None:
         if path == self.root:
@@ -367,6 +370,8 @@ class _Parser:
             else:
                 data = _string(args[1])
             data = data[:rv]
+            if data.startswith(ACK):  # the protocol returned to its caller: ops[:ack] were issued
+                self.ack = len(self.ops)
             positional = name in ("pwrite64", "pwritev", "pwritev2")
             off = int(args[3]) if positional else self.offsets.get(fd or -1, 0)
             if not positional and fd is not None:
@@ -429,7 +434,11 @@ class _Parser:
             if rel.endswith("-shm"):
                 return
             self.add(
-                "rmdir" if is_dir else "unlink", path=rel, ino=self.ino_of(rel), parents=(self.parent_ino(rel),), syscall=name
+                "rmdir" if is_dir else "unlink",
+                path=rel,
+                ino=self.ino_of(rel),
+                parents=(self.parent_ino(rel),),
+                syscall=name,
             )
         elif name in ("mkdir", "mkdirat"):
             path = _join("AT_FDCWD<>", args[0]) if name == "mkdir" else _join(args[0], args[1])
@@ -449,7 +458,9 @@ class _Parser:
 _LINE = re.compile(r"^(\d+)\s+(.*)$")
 
 
-def parse_trace(text: str, root: Path, base: Tree) -> tuple[list[Op], list[str], dict[str, int]]:
+def parse_trace(text: str, root: Path, base: Tree) -> tuple[list[Op], list[str], dict[str, int], int | None]:
+    """The operations, the mutations outside ``root``, syscall counts, and the number of operations
+    issued when the protocol acknowledged (returned to its caller), if it did."""
     parser = _Parser(root, base)
     pending: dict[str, str] = {}
     for raw in text.splitlines():
@@ -470,7 +481,7 @@ def parse_trace(text: str, root: Path, base: Tree) -> tuple[list[Op], list[str],
             continue
         name, argtext, ret = cm.groups()
         parser.line(name, _split_args(argtext), ret)
-    return parser.ops, parser.outside, parser.syscalls
+    return parser.ops, parser.outside, parser.syscalls, parser.ack
 
 
 def record(protocol: str, root: Path, python: str = sys.executable) -> Recording:
@@ -489,9 +500,11 @@ def record(protocol: str, root: Path, python: str = sys.executable) -> Recording
     seconds = time.monotonic() - start
     if r.returncode != 0:
         raise TraceError(f"{protocol}: the protocol failed under strace ({r.returncode}): {r.stderr[-2000:]}")
-    ops, outside, syscalls = parse_trace(trace.read_text(), root, base)
+    ops, outside, syscalls, ack = parse_trace(trace.read_text(), root, base)
     trace.unlink()
-    return Recording(protocol, root, base, ops, outside, syscalls, seconds)
+    if ack is None:
+        raise TraceError(f"{protocol}: no acknowledgement in the trace")
+    return Recording(protocol, root, base, ops, ack, outside, syscalls, seconds)
 
 
 # -- the crash states -------------------------------------------------------------------------
@@ -550,7 +563,7 @@ def _data_variants(vol_by_ino: dict[int, list[int]]) -> Iterator[tuple[set[int],
             yield {i}, -1, f"ino{ino} hole at #{i}"
 
 
-def crash_states(ops: Sequence[Op], model: str) -> Iterator[CrashState]:
+def crash_states(ops: Sequence[Op], model: str, *, widest_only: bool = False) -> Iterator[CrashState]:
     """The crash states of every prefix of ``ops`` under ``model`` (``ext4`` or ``strict``).
 
     Bound, for each prefix (crash after op p): everything issued persisted; only what fsync forced;
@@ -559,9 +572,15 @@ def crash_states(ops: Sequence[Op], model: str) -> Iterator[CrashState]:
     alone; and then, ``ext4``: the metadata journal cut before each un-forced metadata op (data all
     persisted, and data only forced); ``strict``: each un-forced metadata op dropped alone, and each
     un-forced metadata op persisted alone over what fsync forced.
+
+    ``widest_only`` (the fast subset): only the prefixes that end just before an fsync or sync, and
+    the whole list: the widest windows of un-fsynced operations.
     """
     forced = _forcing(ops, model)
-    for p in range(len(ops) + 1):
+    prefixes: Sequence[int] = range(len(ops) + 1)
+    if widest_only:
+        prefixes = [o.idx for o in ops if o.kind in ("fsync", "sync")] + [len(ops)]
+    for p in prefixes:
         issued = range(p)
         durable = {i for i in issued if forced[i] < p}
         vol_meta = [i for i in issued if i not in durable and ops[i].kind in META]
@@ -625,8 +644,13 @@ def _close_connections(session: Any) -> None:
         engine.dispose()
 
 
-def check_state(protocol: str, root: Path, expect: Expect) -> tuple[list[str], dict[int, tuple[tuple[str, str], ...]]]:
+def check_state(
+    protocol: str, root: Path, expect: Expect, *, acknowledged: bool = False
+) -> tuple[list[str], dict[int, tuple[tuple[str, str], ...]]]:
     """Open a manager on the state in ``root`` (recovery runs) and check the invariants.
+
+    ``acknowledged``: the crash came after the protocol returned, so its outcome (the committed
+    steps of the crash-free run, with their files) must be durable.
 
     Returns (violations, committed steps -> their files' digests).
     """
@@ -642,7 +666,7 @@ def check_state(protocol: str, root: Path, expect: Expect) -> tuple[list[str], d
     d = crash_protocols.ckpt_dir(root)
     try:
         m = FileCheckpointManager(d, load_options=LoadOptions(fallback=False))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (whatever the open raises is a violation to report)
         _close_connections(session)
         return [f"open failed: {type(e).__name__}: {e}"], committed
     try:
@@ -672,10 +696,10 @@ def check_state(protocol: str, root: Path, expect: Expect) -> tuple[list[str], d
         except CheckpointNotFoundError:
             if committed:
                 bad.append("load_last_checkpoint found nothing although steps are committed")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (any error is the violation)
             bad.append(f"resume point does not load: {type(e).__name__}: {e}")
         m.close()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (any error is the violation)
         bad.append(f"check failed: {type(e).__name__}: {e}")
     finally:
         _close_connections(session)
@@ -683,13 +707,18 @@ def check_state(protocol: str, root: Path, expect: Expect) -> tuple[list[str], d
         f = root / p
         if not f.is_file() or f.read_bytes() != want:
             bad.append(f"{p} (outside the protocol's files) changed")
+    if acknowledged and expect.final_committed is not None and committed != expect.final_committed:
+        bad.append(
+            f"the protocol returned, but its outcome is not durable: committed steps {sorted(committed)}, "
+            f"expected {sorted(expect.final_committed)} (with the crash-free run's files)"
+        )
     if expect.base_committed is not None:
         gone = crash_protocols.MAY_REMOVE.get(protocol, frozenset())
         replaced = crash_protocols.MAY_REPLACE.get(protocol, frozenset())
-        for step, files in expect.base_committed.items():
+        for step, before in expect.base_committed.items():
             if step in gone or (step in replaced and expect.final_committed is None):
                 continue  # (the crash-free final state itself is what a replaced step may become)
-            ok = [files] + ([expect.final_committed.get(step)] if step in replaced and expect.final_committed else [])
+            ok = [before] + ([expect.final_committed.get(step)] if step in replaced and expect.final_committed else [])
             if committed.get(step) not in ok:
                 bad.append(f"step {step}, committed before the protocol, is lost or changed")
     return bad, committed
@@ -717,6 +746,7 @@ def run_protocol(
     models: Sequence[str] = ("ext4", "strict"),
     *,
     max_states: int | None = None,
+    widest_only: bool = False,
     keep_failing: int = 3,
     log: Any = print,
 ) -> list[Result]:
@@ -742,7 +772,7 @@ def run_protocol(
     for model in models:
         res = Result(protocol, model, len(rec.ops), sum(rec.syscalls.values()), outside=rec.outside)
         mstart = time.monotonic()
-        for st in crash_states(rec.ops, model):
+        for st in crash_states(rec.ops, model, widest_only=widest_only):
             res.generated += 1
             tree = build(rec.base, rec.ops, st)
             key = tree.digest()
@@ -750,7 +780,7 @@ def run_protocol(
                 if max_states is not None and len(seen) >= max_states:
                     continue
                 tree.materialize(root)
-                seen[key], _ = check_state(protocol, root, expect)
+                seen[key], _ = check_state(protocol, root, expect, acknowledged=st.prefix >= rec.ack)
                 if seen[key] and keep_failing > 0:
                     keep_failing -= 1
                     kept = workdir / protocol / f"failing-{model}-{st.prefix}"
@@ -781,12 +811,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", action="append", choices=("ext4", "strict"))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ckptdb-crashcheck"))
     ap.add_argument("--max-states", type=int, default=None, help="check at most this many distinct states")
+    ap.add_argument("--widest-only", action="store_true", help="only crash points just before an fsync (fast)")
     args = ap.parse_args(argv)
     logging.getLogger("ckptdb").setLevel(logging.ERROR)
     total: list[Result] = []
     for p in args.protocol or crash_protocols.PROTOCOLS:
-        total += run_protocol(p, args.workdir, args.model or ("ext4", "strict"), max_states=args.max_states)
-    print("\n| protocol | model | operations recorded | crash states generated | distinct states checked | violations | time |")
+        total += run_protocol(
+            p,
+            args.workdir,
+            args.model or ("ext4", "strict"),
+            max_states=args.max_states,
+            widest_only=args.widest_only,
+        )
+    print(
+        "\n| protocol | model | operations recorded | crash states generated | distinct states checked "
+        "| violations | time |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in total:
         print(
