@@ -106,7 +106,7 @@ def _run(protocol: str, tmp_path: Path, model: str = "strict") -> crashcheck.Res
 
 @needs_strace
 @pytest.mark.parametrize("protocol", ["save", "delete"])
-def test_protocol_survives_every_strict_crash_state(protocol: str, tmp_path: Path) -> None:
+def test_protocol_survives_the_widest_strict_crash_states(protocol: str, tmp_path: Path) -> None:
     res = _run(protocol, tmp_path)
     assert res.ops > 20 and res.states > 10
     assert res.violations == [] and res.outside == []
