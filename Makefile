@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install demo test lint bench torture faultcheck racecheck clean
+.PHONY: install demo test lint bench torture crashcheck faultcheck racecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ faultcheck: install
 # (docs/reliability-checkers/race.md; ~30 min per backend on 2 shared cores). `make test` runs 15 pairs.
 racecheck: install
 	$(BIN)/python scripts/racecheck.py --pg-url "$(PG_URL)" --out /tmp/ckptdb-racecheck.json
+
+# Every crash state (power loss) of every protocol, under the ext4 and strict models
+# (ckptdb/testing/crashcheck.py, docs/reliability-checkers/crash.md; needs strace; about 20 minutes
+# here). `make test` runs a fast subset (tests/checkers/test_crashcheck.py).
+crashcheck: install
+	PYTHONDONTWRITEBYTECODE=1 $(BIN)/python -u -m ckptdb.testing.crashcheck --workdir /tmp/ckptdb-crashcheck $(CRASHCHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -410,8 +410,11 @@ def _reconcile_locked(
     for d in present:
         o = read_owner(d)
         wd = work[d]
-        if o is None and wd is not None and wd.kind == "tmp":
-            o = wd.token  # a writer creates step_N.tmp-<token>/ before it writes the token file: trust the name
+        if wd is not None and wd.kind == "tmp" and o != wd.token:
+            # a writer creates step_N.tmp-<token>/ before it writes the token file, and a power loss
+            # before that file's fsync leaves it absent, empty or torn: trust the name (only that
+            # writer makes it)
+            o = wd.token
         owner[d] = o
     olds = {d: wd.token for d, wd in work.items() if wd is not None and wd.kind == "old"}
     rows = catalog.by_tokens([t for t in [*owner.values(), *olds.values()] if t])

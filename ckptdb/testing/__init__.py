@@ -1,0 +1,1 @@
+"""Test-support tools shipped with ckptdb (the crash-state checker)."""
