@@ -50,19 +50,19 @@ torture: install
 	rm -rf /tmp/ckptdb-torture && $(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/sqlite/ck
 	$(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/pg/ck --fresh-db --url "$(PG_URL)"
 
-# Failed syscalls below Python (docs/reliability-checkers/fault.md): every protocol, the Nth call of
+# Failed syscalls below Python (docs/reliability.md): every protocol, the Nth call of
 # every file-system syscall it makes failed with EIO / ENOSPC / EROFS, for every N (1737 faults, about 20 min here).
 # `make test` runs a two-minute subset (tests/checkers/test_faultcheck.py). Needs gcc (LD_PRELOAD shim).
 faultcheck: install
 	$(BIN)/python scripts/faultcheck/faultcheck.py $(FAULTCHECK_ARGS)
 
 # Every (hook point, second operation) interleaving of two processes, on SQLite and PostgreSQL
-# (docs/reliability-checkers/race.md; ~30 min per backend on 2 shared cores). `make test` runs 15 pairs.
+# (docs/reliability.md; ~30 min per backend on 2 shared cores). `make test` runs 15 pairs.
 racecheck: install
 	$(BIN)/python scripts/racecheck.py --pg-url "$(PG_URL)" --out /tmp/ckptdb-racecheck.json
 
 # Every crash state (power loss) of every protocol, under the ext4 and strict models
-# (ckptdb/testing/crashcheck.py, docs/reliability-checkers/crash.md; needs strace; about 20 minutes
+# (ckptdb/testing/crashcheck.py, docs/reliability.md; needs strace; about 20 minutes
 # here). `make test` runs a fast subset (tests/checkers/test_crashcheck.py).
 crashcheck: install
 	PYTHONDONTWRITEBYTECODE=1 $(BIN)/python -u -m ckptdb.testing.crashcheck --workdir /tmp/ckptdb-crashcheck $(CRASHCHECK_ARGS)

@@ -3,7 +3,7 @@
 Every step of save / commit / publish, asynchronous commit, overwrite, delete, retention, gc,
 recovery, verify and import calls ``hook("<protocol>.<point>")``. That is a no-op (one global
 test) unless the process was started with ``CKPTDB_HOOK_DIR`` set (or :func:`configure` was
-called), which the race checker (``scripts/racecheck.py``, docs/reliability-checkers/race.md) does:
+called), which the race checker (``scripts/racecheck.py``, docs/reliability.md) does:
 
 - every point reached is appended to ``<dir>/trace`` (one ``name#k`` per line, ``k`` counting
   the times this process reached ``name``): the checker learns which points an operation passes;

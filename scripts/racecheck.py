@@ -32,7 +32,7 @@ Usage::
     python scripts/racecheck.py --quick                 # a few pairs (tests/checkers/test_racecheck.py)
 
 Prints a JSON summary on the last line; exit 1 when a violation was found. Results and the table
-are in docs/reliability-checkers/race.md.
+are in docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The race checker's fast subset (scripts/racecheck.py --quick): 15 (point, second operation) pairs
-per backend, every invariant of docs/reliability-checkers/race.md checked after each; about 40 s per
+per backend, every invariant of docs/reliability.md checked after each; about 40 s per
 backend here. `make racecheck` runs the whole enumeration."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Regression tests for what the race checker and the multi-host rehearsal found
-(docs/reliability-checkers/race.md)."""
+(docs/reliability.md)."""
 
 from __future__ import annotations
 
