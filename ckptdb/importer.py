@@ -38,14 +38,12 @@ from typing import Any
 import yaml
 
 from ckptdb import __version__, _hooks, _proc, validation
-from ckptdb.catalog import Catalog, ShardInfo, WriterInfo
-from ckptdb.catalog.session import parse_url
+from ckptdb.catalog import Catalog, ShardInfo, WriterInfo, open_existing
 from ckptdb.errors import (
     CheckpointError,
     CheckpointExistsError,
     ConcurrentModificationError,
     InvalidArgumentError,
-    SchemaOutOfDateError,
 )
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import DEFAULT_ALGORITHM, hash_file, new_hasher
@@ -189,19 +187,6 @@ def _world_size(files: list[tuple[str, int]]) -> int:
     return max(1, len(ranks))
 
 
-def _existing_catalog(url: str) -> Catalog | None:
-    """The catalog if it exists with a schema; None when a dry run would have to create it."""
-    parsed = parse_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
-        return None
-    try:
-        return Catalog(url, create=False)
-    except SchemaOutOfDateError as e:
-        if "has no ckptdb schema" in str(e):
-            return None
-        raise
-
-
 def import_directory(
     url: str,
     checkpoint_dir: Path | str,
@@ -237,7 +222,7 @@ def import_directory(
         except yaml.YAMLError as e:
             warnings.append(f"{meta_path}: not valid YAML ({e}); model metadata not recorded")
 
-    catalog = _existing_catalog(url) if dry_run else Catalog(url)
+    catalog = open_existing(url) if dry_run else Catalog(url)
     known: set[int] = set()
     run_id: int | None = None
     if catalog is not None:

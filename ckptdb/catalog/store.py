@@ -917,3 +917,22 @@ class Catalog:
         with self.db.transaction(readonly=True) as s:
             runs = list(s.execute(select(Run).limit(2)).scalars())
             return _run_info(runs[0]) if len(runs) == 1 else None
+
+
+def open_existing(url: str) -> Catalog | None:
+    """The catalog at ``url`` when it exists with a schema; None when it would have to be created
+    (a dry run, a run that never saved). Creates nothing."""
+    from pathlib import Path
+
+    from ckptdb.catalog.session import parse_url
+    from ckptdb.errors import SchemaOutOfDateError
+
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        return None
+    try:
+        return Catalog(url, create=False)
+    except SchemaOutOfDateError as e:
+        if "has no ckptdb schema" in str(e):
+            return None
+        raise

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from ckptdb import __version__, _proc
-from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, WriterInfo
+from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, WriterInfo, open_existing
 from ckptdb.catalog.models import State
-from ckptdb.catalog.session import parse_url, sqlite_url
-from ckptdb.errors import CheckpointNotFoundError, SchemaOutOfDateError
+from ckptdb.catalog.session import sqlite_url
+from ckptdb.errors import CheckpointNotFoundError
 from ckptdb.manager import default_run_name
 from ckptdb.storage import layout
 from ckptdb.verify import check_files, classify
@@ -33,19 +33,6 @@ LAYOUT_KEY = "layout"  # user_metadata key naming a row's directory layout (see 
 def resolve_url(checkpoint_dir: Path, catalog: str | None) -> str:
     """The catalog URL a :class:`~ckptdb.FileCheckpointManager` on ``checkpoint_dir`` would use."""
     return catalog or os.environ.get("CKPTDB_URL") or sqlite_url(checkpoint_dir / layout.CATALOG_FILE)
-
-
-def open_existing(url: str) -> Catalog | None:
-    """The catalog at ``url`` when it exists with a schema; None for a run that never saved (creates nothing)."""
-    parsed = parse_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
-        return None
-    try:
-        return Catalog(url, create=False)
-    except SchemaOutOfDateError as e:
-        if "has no ckptdb schema" in str(e):
-            return None
-        raise
 
 
 def find_run(catalog: Catalog, checkpoint_dir: Path, run: str | None) -> RunInfo | None:

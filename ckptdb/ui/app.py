@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ckptdb.analysis import readonly_query
 from ckptdb.catalog.session import sqlite_url
+from ckptdb.cli_output import human_bytes
 from ckptdb.errors import CheckpointError, CheckpointNotFoundError
 from ckptdb.storage import layout
 from ckptdb.ui import cookbook
@@ -51,17 +52,6 @@ SECURITY_HEADERS = {
     "referrer-policy": "no-referrer",
     "cache-control": "no-store",
 }
-
-
-def human_bytes(n: Any) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def seconds(v: Any) -> str:
