@@ -16,8 +16,6 @@ from ckptdb.storage import layout
 from ckptdb.storage.hashing import hash_file
 from ckptdb.storage.writer import FileRecord
 
-READ_STREAMS = 4  # threads reading ahead per file while its digest is computed (hashing.hash_file)
-
 
 def check_file(step_dir: Path, rec: FileRecord, step_nr: int, *, digest: bool = True) -> None:
     """Raise :class:`CheckpointCorruptError` when the file differs from what the catalog says."""
@@ -29,7 +27,7 @@ def check_file(step_dir: Path, rec: FileRecord, step_nr: int, *, digest: bool = 
     if size != rec.size_bytes:
         raise CheckpointCorruptError(step_nr, str(path), f"{rec.size_bytes} bytes", f"{size} bytes")
     if digest:
-        _, actual = hash_file(path, rec.hash_algorithm, streams=READ_STREAMS)
+        _, actual = hash_file(path, rec.hash_algorithm, readahead=True)
         if actual != rec.digest:
             raise CheckpointCorruptError(
                 step_nr, str(path), f"{rec.hash_algorithm}:{rec.digest}", f"{rec.hash_algorithm}:{actual}"
