@@ -661,10 +661,11 @@ class Catalog:
 
     def retention_deletes(self, run_id: int, components: Sequence[Any]) -> list[int]:
         """Only the steps the policy deletes (one query; what the benchmark times)."""
-        q, _ = retention_sql.decision_query(run_id, components, only_delete=True)
+        q = retention_sql.steps_to_delete(run_id, components)
         with self.db.transaction(readonly=True) as s:
             self._no_jit(s)
-            return [row[1] for row in s.connection().execute(q)]
+            text = s.connection().execute(q).scalar()
+        return sorted(map(int, text.split(","))) if text else []
 
     def claim_for_deletion(
         self, run_id: int, components: Sequence[Any], reason: str, who: tuple[str, int], *, preserve_model: bool
