@@ -89,8 +89,8 @@ def _no_index_sqlite(element: _no_index, compiler: Any, **kw: Any) -> str:
     return "+" + str(compiler.process(element.clauses, **kw))
 
 
-_COMMITTED = literal_column(f"'{State.COMMITTED.value}'")
-_DELETED = literal_column(f"'{State.DELETED.value}'")
+_COMMITTED: ColumnElement[str] = literal_column(f"'{State.COMMITTED.value}'")
+_DELETED: ColumnElement[str] = literal_column(f"'{State.DELETED.value}'")
 
 
 def candidate(t: Any) -> ColumnElement[bool]:
