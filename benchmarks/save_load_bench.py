@@ -778,7 +778,36 @@ def render(res: Results, mem: dict[str, Any], args: Any, command: str) -> str:
         lines.append("")
     lines.append("![ratios to the limits](bench_save_load.png)")
     lines.append("")
+    lines.append("How to read this:")
+    lines.append("")
+    lines += [f"- {n}" for n in NOTES]
+    lines.append("")
     return "\n".join(lines)
+
+
+NOTES = [
+    "**write limit**: the fastest of 16 raw variants (1/2/4/8 streams x separate files or ranges of one "
+    "file x buffered or O_DIRECT) writing the state's tensor bytes, no format, no hash, every file "
+    "fsynced and the directory too (benchmarks/limits.py). Every variant runs in the first repetition, "
+    "the three fastest in the others; the limit is the smallest median. The list under each table "
+    "gives every variant's GB/s.",
+    "**read limit**: likewise for reading ckptdb's files of that size (1/2/4/8 threads, buffered or "
+    "O_DIRECT, into reused 8 MiB buffers) after evicting them from the page cache "
+    "(`posix_fadvise(POSIX_FADV_DONTNEED)` after fsync; every load row is cold the same way).",
+    "**ckptdb sync save** is the whole `begin_checkpoint -> save_state -> commit_checkpoint`: the catalog's "
+    "begin and commit transactions, xxh3-128 of every byte, O_DIRECT writes (3 writer threads per file, "
+    "both files at once), fsyncs of the files and directories, the rename. The *buffered* row is the same "
+    "with `CKPTDB_NO_DIRECT=1` (the page cache and streamed writeback, ckptdb's previous data path).",
+    "**loads** return every tensor and then read one value per 4 KiB page of each (`touch all`), so lazy "
+    "and eager loads pay the same. ckptdb's load checks every file's size and digest first (with kernel "
+    "read-ahead), then `torch.load(mmap=True)` over the now-cached file. DCP loads into preallocated tensors.",
+    "**profile** rows time the parts of ckptdb's save alone: `torch.save` into a sink that only counts bytes "
+    "(serialising), xxh3-128 over the payload, and the file writer without the catalog (serialise + hash "
+    "+ write + fsync, overlapped). The sync save minus the file writer is the catalog, directory fsyncs "
+    "and rename.",
+    "The host is a 2-vCPU VM shared with other jobs while this ran: single figures move by tens of percent "
+    "between repetitions (see min-max); ratios within one run are what the targets are judged on.",
+]
 
 
 def write_doc(path: Path, section: str) -> None:
