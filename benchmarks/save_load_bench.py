@@ -789,7 +789,8 @@ NOTES = [
     "**write limit**: the fastest of 16 raw variants (1/2/4/8 streams x separate files or ranges of one "
     "file x buffered or O_DIRECT) writing the state's tensor bytes, no format, no hash, every file "
     "fsynced and the directory too (benchmarks/limits.py). Every variant runs in the first repetition, "
-    "the three fastest in the others; the limit is the smallest median. The list under each table "
+    "the three fastest so far in the others; the limit is the smallest median among the variants measured "
+    "in every repetition. The list under each table "
     "gives every variant's GB/s.",
     "**read limit**: likewise for reading ckptdb's files of that size (1/2/4/8 threads, buffered or "
     "O_DIRECT, into reused 8 MiB buffers) after evicting them from the page cache "

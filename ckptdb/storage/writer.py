@@ -274,6 +274,15 @@ class _DirectFile:
     def _write(self, data: bytes | memoryview) -> int:
         if self._failed is not None:
             raise self._failed
+        n = len(data)
+        fill = self._fill
+        if n < _DBUF - fill and isinstance(data, memoryview) and data.format == "B" and data.ndim == 1:
+            # the common small write (zip headers, names, small tensors): no slicing, no loop
+            self._hasher.update(data)
+            self._view[fill : fill + n] = data
+            self._fill = fill + n
+            self.size += n
+            return n
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")

@@ -73,9 +73,10 @@ def test_an_empty_state_and_repeated_saves_reuse_the_buffers(tmp_path: Path) -> 
         assert hash_file(p, "xxh3_128") == (rec.size_bytes, rec.digest)
 
 
-@pytest.mark.parametrize("size", [0, 1, 8 << 20, (8 << 20) + 3, (5 << 20) * 3 + 7])
+@pytest.mark.parametrize("size", [0, 1, 8 << 20, (8 << 20) + 3, (5 << 20) * 3 + 7, (10 << 20) - 1])
 def test_readahead_digest_equals_the_plain_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
-    monkeypatch.setattr(hashing, "_WINDOW", 1 << 20)  # many advice windows on a small file
+    monkeypatch.setattr(hashing, "_CHUNK", 1 << 20)  # helpers start at 8 chunks: small files use them too
+    monkeypatch.setattr(hashing, "_SEGMENT", 3 << 20)  # several segments, helpers waiting for the hash
     p = tmp_path / "f"
     p.write_bytes(os.urandom(size))
     assert hash_file(p, "xxh3_128", readahead=True) == hash_file(p, "xxh3_128")
