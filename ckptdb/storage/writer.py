@@ -91,6 +91,16 @@ def direct_enabled() -> bool:
     return _O_DIRECT != 0 and os.environ.get("CKPTDB_NO_DIRECT") != "1"
 
 
+_BIG = 1 << 20  # writes from this size on are copied with ctypes.memmove (GIL released)
+
+
+def _address(view: memoryview) -> int:
+    """The address of a contiguous byte buffer (read-only ones too)."""
+    import numpy as np
+
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
 class _BufferPool:
     """Page-aligned anonymous buffers, kept between saves (no page faults on the next save)."""
 
@@ -289,11 +299,17 @@ class _DirectFile:
         n = len(view)
         for off in range(0, n, _CHUNK):
             self._hasher.update(view[off : off + _CHUNK])
-        while view:
-            k = min(len(view), _DBUF - self._fill)
-            self._view[self._fill : self._fill + k] = view[:k]
+        src = _address(view) if n >= _BIG else None
+        done = 0
+        while done < n:
+            k = min(n - done, _DBUF - self._fill)
+            if src is not None:  # a memcpy that releases the GIL: the other file's thread runs meanwhile
+                with memoryview(self._buf) as dst:
+                    ctypes.memmove(_address(dst) + self._fill, src + done, k)
+            else:
+                self._view[self._fill : self._fill + k] = view[done : done + k]
             self._fill += k
-            view = view[k:]
+            done += k
             if self._fill == _DBUF:
                 self._submit(_DBUF)
                 self._next_buffer()
