@@ -39,7 +39,7 @@ test: install
 BENCH_ARGS ?=
 bench: install
 	$(BIN)/python benchmarks/save_load_bench.py --pg-url "$(PG_URL)" $(BENCH_ARGS)
-	$(BIN)/python benchmarks/retention_bench.py --pg-url "$(PG_URL)"
+	$(BIN)/python benchmarks/retention_bench.py --pg-url "$(PG_URL)" --write-docs docs/benchmarks.md
 	$(BIN)/python benchmarks/ui_bench.py --pg-url "$(PG_URL)"
 
 bench-quick: install
