@@ -106,6 +106,12 @@ class Run(Base):
     checkpoints: Mapped[list[Checkpoint]] = relationship(back_populates="run")
 
 
+# the predicate of ix_checkpoints_retention_candidates (revision 0006), as each dialect renders
+# retention_sql.candidate(): a committed checkpoint, or the model-only leftover of a deletion
+RETENTION_CANDIDATE_SQLITE = "state IN ('committed', 'deleted') AND (state = 'committed' OR model_preserved IS 1)"
+RETENTION_CANDIDATE_PG = "state IN ('committed', 'deleted') AND (state = 'committed' OR model_preserved IS true)"
+
+
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
     __table_args__ = (
@@ -130,6 +136,17 @@ class Checkpoint(Base):
         Index("ix_checkpoints_run_id_state_step_nr", "run_id", "state", "step_nr"),
         # cross-run questions ("every corrupt checkpoint", "commits in the last day"): revision 0002
         Index("ix_checkpoints_state_committed_at", "state", "committed_at"),
+        # retention's candidates of a run, covering (revision 0006); the predicate is the text
+        # retention_sql.candidate() renders, so the planners can prove the query implies it
+        Index(
+            "ix_checkpoints_retention_candidates",
+            "run_id",
+            "step_nr",
+            "state",
+            "model_preserved",
+            sqlite_where=text(RETENTION_CANDIDATE_SQLITE),
+            postgresql_where=text(RETENTION_CANDIDATE_PG),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -195,6 +212,8 @@ class Score(Base):
     __table_args__ = (
         UniqueConstraint("checkpoint_id", "metric"),
         Index("ix_scores_metric_value", "metric", "value"),
+        # keep_best's per-checkpoint score lookup without a table read (revision 0006)
+        Index("ix_scores_checkpoint_id_metric_value", "checkpoint_id", "metric", "value"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -37,10 +37,13 @@ Unscored, NaN and infinite scores are NULL in ``scores.value`` and never rank am
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, false, func, not_, or_, select
+from sqlalchemy import ColumnElement, Select, String, and_, cast, false, func, literal_column, not_, or_, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from ckptdb.catalog.models import Checkpoint, Pin, Score, State
 
@@ -67,11 +70,41 @@ def component_specs(components: Sequence[Any]) -> list[tuple[Any, ...]]:
     return out
 
 
+class _no_index(FunctionElement[Any]):
+    """``x`` as an expression no index serves (SQLite ``+x``, elsewhere ``(x || '')``): the planner
+    must not drive keep_best from ``scores(metric, value)`` in value order across every run's scores
+    (PostgreSQL did: its decision for a run with few candidates grew with the catalog, 4 -> 24 ms from
+    20 000 to 100 000 checkpoints); it looks each candidate's score up by ``checkpoint_id`` instead."""
+
+    inherit_cache = True
+    name = "no_index"
+
+
+@compiles(_no_index)
+def _no_index_default(element: _no_index, compiler: Any, **kw: Any) -> str:
+    # PostgreSQL (and others): an expression no index on the bare column serves
+    return "(" + str(compiler.process(element.clauses, **kw)) + " || '')"
+
+
+@compiles(_no_index, "sqlite")
+def _no_index_sqlite(element: _no_index, compiler: Any, **kw: Any) -> str:
+    return "+" + str(compiler.process(element.clauses, **kw))
+
+
+_COMMITTED: ColumnElement[str] = literal_column(f"'{State.COMMITTED.value}'")
+_DELETED: ColumnElement[str] = literal_column(f"'{State.DELETED.value}'")
+
+
 def candidate(t: Any) -> ColumnElement[bool]:
-    """``t``'s row is a retention candidate: committed, or the model-only leftover of a preserve_model deletion."""
+    """``t``'s row is a retention candidate: committed, or the model-only leftover of a preserve_model deletion.
+
+    The states are literals, not bound parameters: the text then matches the predicate of the
+    partial index ``ix_checkpoints_retention_candidates`` (revision 0006), which a planner can
+    only use when it can prove the query implies it.
+    """
     return and_(
-        t.c.state.in_([State.COMMITTED.value, State.DELETED.value]),
-        or_(t.c.state == State.COMMITTED.value, t.c.model_preserved.is_(True)),
+        t.c.state.in_([_COMMITTED, _DELETED]),
+        or_(t.c.state == _COMMITTED, t.c.model_preserved.is_(True)),
     )
 
 
@@ -92,7 +125,12 @@ def decision_query(run_id: int, components: Sequence[Any], *, only_delete: bool)
     (the plan with a reason per step). ``only_delete=True``: ``(id, step_nr)`` of the candidates
     no component keeps. Returns the statement and the component names (the ``k`` columns' order).
     """
-    specs = component_specs(components)
+    return _decision_query(run_id, tuple(component_specs(components)), only_delete=only_delete)
+
+
+def _decision_query(
+    run_id: int, specs: tuple[tuple[Any, ...], ...], *, only_delete: bool
+) -> tuple[Select[Any], list[str]]:
     c = Checkpoint.__table__.alias("c")
     mine = (c.c.run_id == run_id, candidate(c))
 
@@ -112,16 +150,16 @@ def decision_query(run_id: int, components: Sequence[Any], *, only_delete: bool)
         if kind == "last":  # the n newest: n entries of the (run_id, state, step_nr) index
             return c.c.step_nr.in_(select(k.c.step_nr).where(*where).order_by(k.c.step_nr.desc()).limit(n))
         metric, lower_better = spec[3], spec[4]
-        # the score as a correlated lookup in scores(checkpoint_id, metric): the planner cannot
-        # choose to walk scores(metric, value) across every run instead
+        # the run's candidates joined to their score through scores(checkpoint_id, metric, value)
+        # (revision 0006: answered from the index, no table row); a join, not a correlated
+        # subquery, because SQLite takes the unique (checkpoint_id, metric) index for a
+        # single-table lookup without weighing the covering one
         s = Score.__table__.alias("s")
-        value = select(s.c.value).where(s.c.checkpoint_id == k.c.id, s.c.metric == metric).scalar_subquery()
-        # OFFSET 0 keeps the derived table (PostgreSQL would otherwise inline it and look each score up twice)
-        scored = select(k.c.id, k.c.step_nr, value.label("v")).where(*where).offset(0).subquery("b")
         best = (
-            select(scored.c.id)
-            .where(scored.c.v.is_not(None))  # NULL: unscored, NaN, +/-inf (never best)
-            .order_by(scored.c.v.asc() if lower_better else scored.c.v.desc(), scored.c.step_nr.desc())  # ties
+            select(k.c.id)
+            .select_from(k.join(s, and_(s.c.checkpoint_id == k.c.id, _no_index(s.c.metric) == metric)))
+            .where(*where, s.c.value.is_not(None))  # NULL: unscored, NaN, +/-inf (never best)
+            .order_by(s.c.value.asc() if lower_better else s.c.value.desc(), k.c.step_nr.desc())  # ties
             .limit(n)
         )
         return c.c.id.in_(best)
@@ -165,6 +203,24 @@ def reasons_of(row: Sequence[Any], names: Sequence[str]) -> tuple[str, ...]:
         out.append(pin_reason(str(row[4]).split(LABEL_SEP)))
     out += [name for name, flag in zip(names, row[5:], strict=True) if flag]
     return tuple(out)
+
+
+def steps_to_delete(run_id: int, components: Sequence[Any]) -> Select[Any]:
+    """The step numbers the policy deletes as one comma-separated string (NULL: none).
+
+    One row instead of one per step: with ~10 000 steps to delete, building 10 000 result rows in
+    Python cost more than the query itself (docs/benchmarks.md, "Catalog").
+    """
+    return _steps_to_delete(run_id, tuple(component_specs(components)))
+
+
+@functools.lru_cache(maxsize=64)
+def _steps_to_delete(run_id: int, specs: tuple[tuple[Any, ...], ...]) -> Select[Any]:
+    # built once per (run, policy): building the statement (table aliases, subqueries) cost
+    # about as much as running it; a Select is immutable, so sharing it is safe
+    q, _ = _decision_query(run_id, specs, only_delete=True)
+    d = q.order_by(None).subquery("d")
+    return select(func.aggregate_strings(cast(d.c.step_nr, String), ","))
 
 
 def ids_to_delete(run_id: int, components: Sequence[Any]) -> Select[Any]:

@@ -365,21 +365,30 @@ class Catalog:
                     .values(model_preserved=False)
                     .execution_options(synchronize_session=False)
                 )
-            for f in files:
-                s.add(
-                    Shard(
-                        checkpoint_id=ckpt_id,
-                        path=f.path,
-                        size_bytes=f.size_bytes,
-                        hash_algorithm=f.hash_algorithm,
-                        digest=f.digest,
-                        rank=f.rank,
-                        kind=f.kind,
-                    )
+            # Core executemany, not ORM objects: no identity map or RETURNING for rows this
+            # transaction never reads back (a checkpoint of 8 ranks x 3 files has 24)
+            if files:
+                s.execute(
+                    insert(Shard),
+                    [
+                        {
+                            "checkpoint_id": ckpt_id,
+                            "path": f.path,
+                            "size_bytes": f.size_bytes,
+                            "hash_algorithm": f.hash_algorithm,
+                            "digest": f.digest,
+                            "rank": f.rank,
+                            "kind": f.kind,
+                        }
+                        for f in files
+                    ],
                 )
-            for metric, value in scores.items():
-                v, raw = _score_columns(value)
-                s.add(Score(checkpoint_id=ckpt_id, metric=metric, value=v, raw_value=raw))
+            if scores:
+                rows = []
+                for metric, value in scores.items():
+                    v, raw = _score_columns(value)
+                    rows.append({"checkpoint_id": ckpt_id, "metric": metric, "value": v, "raw_value": raw})
+                s.execute(insert(Score), rows)
             now = utcnow()
             cost: dict[str, float] = {}
             if timings is not None:
@@ -661,10 +670,11 @@ class Catalog:
 
     def retention_deletes(self, run_id: int, components: Sequence[Any]) -> list[int]:
         """Only the steps the policy deletes (one query; what the benchmark times)."""
-        q, _ = retention_sql.decision_query(run_id, components, only_delete=True)
+        q = retention_sql.steps_to_delete(run_id, components)
         with self.db.transaction(readonly=True) as s:
             self._no_jit(s)
-            return [row[1] for row in s.connection().execute(q)]
+            text = s.connection().execute(q).scalar()
+        return sorted(map(int, text.split(","))) if text else []
 
     def claim_for_deletion(
         self, run_id: int, components: Sequence[Any], reason: str, who: tuple[str, int], *, preserve_model: bool

@@ -27,7 +27,7 @@ def check_file(step_dir: Path, rec: FileRecord, step_nr: int, *, digest: bool = 
     if size != rec.size_bytes:
         raise CheckpointCorruptError(step_nr, str(path), f"{rec.size_bytes} bytes", f"{size} bytes")
     if digest:
-        _, actual = hash_file(path, rec.hash_algorithm)
+        _, actual = hash_file(path, rec.hash_algorithm, readahead=True)
         if actual != rec.digest:
             raise CheckpointCorruptError(
                 step_nr, str(path), f"{rec.hash_algorithm}:{rec.digest}", f"{rec.hash_algorithm}:{actual}"

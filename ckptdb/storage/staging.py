@@ -9,8 +9,11 @@ exactly as ``torch.save`` would have written them.
 Buffers are matched by the order in which storages are met and their byte sizes, per file: when the
 next save has the same layout (the usual case) no memory is allocated and the copy runs at memcpy
 speed into already faulted-in pages. Buffers for storages on an accelerator are pinned, and the
-device-to-host copies are issued non-blocking, then every device a copy came from is synchronised
-(each GPU once) before ``stage`` returns.
+device-to-host copies are issued non-blocking; on CUDA they run on a side stream per device (kept
+between saves) that first waits for the device's current stream, so the copies see every kernel
+queued before the save and overlap nothing else. One event per source device is recorded after its
+last copy and waited for before ``stage`` returns: the stall is the copies, and no device is
+synchronised as a whole (other accelerators: one device synchronisation each).
 
 Call order: ``stage(key, obj)`` * -> (write the staged objects) -> next ``stage()`` reuses the buffers.
 The caller must not stage again while a previous staged copy is still being written.
@@ -44,6 +47,7 @@ class StagingArea:
 
     def __init__(self) -> None:
         self._buffers: dict[str, list[torch.UntypedStorage]] = {}
+        self._streams: dict[torch.device, Any] = {}  # CUDA side stream per device, for the copies
         self.bytes_staged = 0
         self.seconds = 0.0
 
@@ -75,7 +79,12 @@ class StagingArea:
             i = len(used)
             nbytes = src.nbytes()
             buf = old[i] if i < len(old) and old[i].nbytes() == nbytes else _new_buffer(nbytes, src.device)
-            if src.device.type != "cpu":
+            if src.device.type == "cuda":
+                side = self._side_stream(src.device, devices)
+                with torch.cuda.stream(side):
+                    buf.copy_(src, non_blocking=True)
+                devices.add(src.device)
+            elif src.device.type != "cpu":
                 buf.copy_(src, non_blocking=True)  # queued on the current stream of src's device
                 devices.add(src.device)
             else:
@@ -98,11 +107,30 @@ class StagingArea:
             return out
 
         copy = _copier(stage_tensor)
-        result = copy(obj)
-        synchronize(devices)  # before anyone (the background writer) reads the buffers
+        try:
+            result = copy(obj)
+        finally:
+            # before anyone (the background writer) reads the buffers, and before a failed stage
+            # lets buffers with copies in flight be reused: one event per CUDA device
+            waits = {d: self._streams[d] for d in devices if d.type == "cuda"}
+            events = [(d, torch.cuda.Event()) for d in sorted(waits, key=str)]
+            for d, ev in events:
+                ev.record(waits[d])
+            for _, ev in events:
+                ev.synchronize()
+            synchronize({d for d in devices if d.type != "cuda"})
         self._buffers[key] = used
         self.seconds += time.perf_counter() - start
         return result
+
+    def _side_stream(self, device: torch.device, started: set[torch.device]) -> Any:
+        """The copy stream of ``device``; on its first copy of this ``stage``, wait for the current stream."""
+        side = self._streams.get(device)
+        if side is None:
+            side = self._streams[device] = torch.cuda.Stream(device=device)
+        if device not in started:
+            side.wait_stream(torch.cuda.current_stream(device))  # kernels queued before the save
+        return side
 
 
 def _synchronize_one(device: torch.device) -> None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import mmap
 import os
+import queue
 import shutil
 import sys
 import threading
@@ -73,6 +76,54 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], None] | None:
 
 
 _sync_file_range = _load_sync_file_range()
+
+# O_DIRECT: the serialiser copies into page-aligned buffers reused from save to save, and writer
+# threads pwrite them at their offsets, several in flight per file (docs/architecture.md, "Writing").
+_ALIGN = 4096  # offsets and lengths of O_DIRECT writes (the last block is padded, then truncated)
+_DBUF = 8 << 20  # one direct buffer
+_DEPTH = 4  # buffers per file: one filling, up to three being written
+_WRITERS = 3  # writer threads per file
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def direct_enabled() -> bool:
+    """O_DIRECT writes are used (Linux; ``CKPTDB_NO_DIRECT=1`` switches them off)."""
+    return _O_DIRECT != 0 and os.environ.get("CKPTDB_NO_DIRECT") != "1"
+
+
+_BIG = 1 << 20  # writes from this size on are copied with ctypes.memmove (GIL released)
+
+
+def _address(view: memoryview) -> int:
+    """The address of a contiguous byte buffer (read-only ones too)."""
+    import numpy as np
+
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
+class _BufferPool:
+    """Page-aligned anonymous buffers, kept between saves (no page faults on the next save)."""
+
+    def __init__(self, keep: int) -> None:
+        self._idle: list[mmap.mmap] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def get(self) -> mmap.mmap:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return mmap.mmap(-1, _DBUF)
+
+    def put(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._idle) < self._keep:
+                self._idle.append(buf)
+                return
+        buf.close()
+
+
+_pool = _BufferPool(keep=2 * _DEPTH)  # two files written at once reuse theirs
 _crc_lock = threading.Lock()
 _crc_users = 0
 _crc_saved = True
@@ -189,6 +240,159 @@ class _HashingFile:
         return None
 
 
+class _DirectFile:
+    """The write-only file object for an ``O_DIRECT`` fd: hashing in order, writing in parallel.
+
+    ``write`` hashes the bytes and copies them into the current aligned buffer; a full buffer goes to
+    the writer threads, which ``pwrite`` it at its offset (up to ``_DEPTH - 1`` in flight) while the
+    serialiser fills the next. :meth:`close` writes the padded last block, waits for every write and
+    truncates the file to its size; the caller then fsyncs (the device cache and the metadata).
+    A filesystem that refuses an O_DIRECT write (EINVAL) gets the fd switched to buffered I/O and
+    the write retried. A failed write is raised by the next ``write`` or by ``close``.
+    """
+
+    def __init__(self, fd: int, hasher: Hasher) -> None:
+        self._fd = fd
+        self._hasher = hasher
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._todo: queue.SimpleQueue[tuple[mmap.mmap, int, int] | None] = queue.SimpleQueue()
+        self._bufs = [_pool.get() for _ in range(_DEPTH)]
+        for b in self._bufs[1:]:
+            self._free.put(b)
+        self._buf = self._bufs[0]
+        self._view = memoryview(self._buf)
+        self._fill = 0
+        self._base = 0  # file offset of the current buffer
+        self._failed: OSError | None = None
+        self._direct = True
+        self._mode_lock = threading.Lock()
+        self.size = 0
+        self.error: OSError | None = None
+        self._threads = [
+            threading.Thread(target=self._run, name=f"ckptdb-pwrite-{i}", daemon=True) for i in range(_WRITERS)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def write(self, data: bytes | memoryview) -> int:
+        try:
+            return self._write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def _write(self, data: bytes | memoryview) -> int:
+        if self._failed is not None:
+            raise self._failed
+        n = len(data)
+        fill = self._fill
+        if n < _DBUF - fill and isinstance(data, memoryview) and data.format == "B" and data.ndim == 1:
+            # the common small write (zip headers, names, small tensors): no slicing, no loop
+            self._hasher.update(data)
+            self._view[fill : fill + n] = data
+            self._fill = fill + n
+            self.size += n
+            return n
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        n = len(view)
+        for off in range(0, n, _CHUNK):
+            self._hasher.update(view[off : off + _CHUNK])
+        src = _address(view) if n >= _BIG else None
+        done = 0
+        while done < n:
+            k = min(n - done, _DBUF - self._fill)
+            if src is not None:  # a memcpy that releases the GIL: the other file's thread runs meanwhile
+                with memoryview(self._buf) as dst:
+                    ctypes.memmove(_address(dst) + self._fill, src + done, k)
+            else:
+                self._view[self._fill : self._fill + k] = view[done : done + k]
+            self._fill += k
+            done += k
+            if self._fill == _DBUF:
+                self._submit(_DBUF)
+                self._next_buffer()
+        self.size += n
+        return n
+
+    def _submit(self, nbytes: int) -> None:
+        self._todo.put((self._buf, self._base, nbytes))
+        self._base += self._fill
+        self._fill = 0
+
+    def _next_buffer(self) -> None:
+        self._view.release()
+        self._buf = self._free.get()  # waits for a writer to finish one
+        self._view = memoryview(self._buf)
+        if self._failed is not None:
+            raise self._failed
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        while view:
+            try:
+                k = os.pwrite(self._fd, view, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self._direct:
+                    raise
+                with self._mode_lock:  # the filesystem takes no O_DIRECT: go through the page cache
+                    if self._direct:
+                        fl = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                        fcntl.fcntl(self._fd, fcntl.F_SETFL, fl & ~_O_DIRECT)
+                        self._direct = False
+                continue
+            if k == 0:
+                raise OSError(errno.EIO, f"pwrite wrote nothing at offset {offset}")
+            view = view[k:]
+            offset += k
+
+    def _run(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            buf, offset, nbytes = item
+            try:
+                if self._failed is None:
+                    with memoryview(buf) as v:
+                        self._pwrite(v[:nbytes], offset)
+            except OSError as e:
+                self._failed = self._failed or e
+            except BaseException as e:  # noqa: BLE001 - surfaced by write()/close()
+                self._failed = self._failed or OSError(errno.EIO, f"writer thread failed: {e!r}")
+            finally:
+                self._free.put(buf)
+
+    def close(self) -> None:
+        """Write what is left (padded), wait for every write, truncate to the size; raise a failure."""
+        try:
+            tail = self._fill
+            if tail:
+                padded = -(-tail // _ALIGN) * _ALIGN
+                self._view[tail:padded] = bytes(padded - tail)
+                self._todo.put((self._buf, self._base, padded))
+                self._fill = 0
+            else:
+                self._free.put(self._buf)
+        finally:
+            self._view.release()
+            for _ in self._threads:
+                self._todo.put(None)
+            for t in self._threads:
+                t.join()
+            for b in self._bufs:
+                _pool.put(b)
+            self._bufs = []
+        if self._failed is not None:
+            self.error = self.error or self._failed
+            raise self._failed
+        if tail:
+            os.ftruncate(self._fd, self.size)
+
+    def flush(self) -> None:
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class TorchFile:
     """One file of a checkpoint to ``torch.save`` (see :meth:`StepWriter.write_torch_many`)."""
@@ -211,6 +415,7 @@ class StepWriter:
         hash_algorithm: str,
         fsync: bool = True,
         parallel: bool = True,
+        direct: bool | None = None,
     ) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.step_nr = step_nr
@@ -218,6 +423,7 @@ class StepWriter:
         self.hash_algorithm = hash_algorithm
         self.fsync = fsync
         self.parallel = parallel  # write_torch_many: one thread per file
+        self.direct = direct_enabled() if direct is None else direct and _O_DIRECT != 0  # torch files: O_DIRECT
         self.tmp_dir = checkpoint_dir / layout.tmp_dir_name(step_nr, token)
         self.records: dict[str, FileRecord] = {}
         self._lock = threading.Lock()
@@ -261,12 +467,28 @@ class StepWriter:
         """torch.save one file; returns its record and the perf_counter times its data was written / synced."""
         path = self._open_file(f.relpath)
         hasher = new_hasher(self.hash_algorithm)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            hf = _HashingFile(fd, hasher, stream=self.fsync)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        fd = -1
+        if self.direct:
             try:
-                with _no_torch_crc32():
-                    torch.save(f.obj, hf)  # type: ignore[arg-type]
+                fd = os.open(path, flags | _O_DIRECT, 0o644)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
+                    raise
+        direct = fd != -1
+        if not direct:
+            fd = os.open(path, flags, 0o644)
+        try:
+            hf: _HashingFile | _DirectFile = (
+                _DirectFile(fd, hasher) if direct else _HashingFile(fd, hasher, stream=self.fsync)
+            )
+            try:
+                try:
+                    with _no_torch_crc32():
+                        torch.save(f.obj, hf)  # type: ignore[arg-type]
+                finally:
+                    if isinstance(hf, _DirectFile):
+                        hf.close()
             except Exception as e:
                 if hf.error is not None:  # the real cause (ENOSPC, EIO), not torch's rewording of it
                     raise hf.error from e

@@ -69,12 +69,14 @@ def test_decision_query_uses_the_indexes(tmp_path: Path) -> None:
     )
     with cat.db.transaction(readonly=True) as s:
         detail = " | ".join(retention_sql.explain(s.connection(), q))
-    # not a covering index since model-only leftovers are candidates (model_preserved is read per row)
-    assert "SEARCH c USING INDEX ix_checkpoints_run_id_state_step_nr (run_id=? AND state=?)" in detail, detail
-    assert "SEARCH k USING INDEX ix_checkpoints_run_id_state_step_nr (run_id=? AND state=?)" in detail, detail
-    assert "SEARCH s USING INDEX sqlite_autoindex_scores_1 (checkpoint_id=? AND metric=?)" in detail, detail
+    # the run's candidates from the partial covering index of revision 0006 (no table row per
+    # checkpoint), each candidate's score from scores(checkpoint_id, metric, value) alone, and never
+    # from scores(metric, value) across every run
+    assert "SEARCH c USING COVERING INDEX ix_checkpoints_retention_candidates (run_id=?)" in detail, detail
+    assert "SEARCH s USING COVERING INDEX ix_scores_checkpoint_id_metric_value (checkpoint_id=?)" in detail, detail
+    assert "ix_scores_metric_value" not in detail, detail
     assert "ix_pins_run_id_step_nr (run_id=?)" in detail, detail
-    scans = [x for x in detail.split(" | ") if x.startswith("SCAN ") and x != "SCAN b"]  # b: the scored subquery
+    scans = [x for x in detail.split(" | ") if x.startswith("SCAN ")]
     assert scans == [], detail  # every table is reached through an index, never scanned
 
 

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -33,17 +34,17 @@ def say(msg: str) -> None:
 def main() -> None:
     global armed
     directory, url = Path(sys.argv[1]), sys.argv[2]
-    orig_write = writer._HashingFile.write
+    for cls in (writer._HashingFile, writer._DirectFile):  # buffered and O_DIRECT file objects
 
-    def write(self: writer._HashingFile, data: bytes) -> int:  # type: ignore[override]
-        n = orig_write(self, data)
-        if armed and self.size > 512 and threading.current_thread() is not threading.main_thread():
-            if said.acquire(blocking=False):  # files are written in parallel threads: say it once
-                say("KILLME background-write")
-            time.sleep(120)
-        return n
+        def write(self: Any, data: bytes, orig_write: Any = cls.write) -> int:
+            n: int = orig_write(self, data)
+            if armed and self.size > 512 and threading.current_thread() is not threading.main_thread():
+                if said.acquire(blocking=False):  # files are written in parallel threads: say it once
+                    say("KILLME background-write")
+                time.sleep(120)
+            return n
 
-    writer._HashingFile.write = write  # type: ignore[method-assign]
+        cls.write = write  # type: ignore[method-assign]
     m = FileCheckpointManager(directory, catalog=url, save_options=SaveOptions(blocking=False))
     m.begin_checkpoint(1)
     m.save_state(make_state(1, size=64))

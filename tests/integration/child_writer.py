@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -33,15 +34,15 @@ def stall(where: str) -> None:
 
 def install(point: str) -> None:
     if point == "save_state":
-        orig_write = writer._HashingFile.write
+        for cls in (writer._HashingFile, writer._DirectFile):  # buffered and O_DIRECT file objects
 
-        def write(self: writer._HashingFile, data: bytes) -> int:  # type: ignore[override]
-            n = orig_write(self, data)
-            if armed and self.size > 512:
-                stall(point)
-            return n
+            def write(self: Any, data: bytes, orig_write: Any = cls.write) -> int:
+                n: int = orig_write(self, data)
+                if armed and self.size > 512:
+                    stall(point)
+                return n
 
-        writer._HashingFile.write = write  # type: ignore[method-assign]
+            cls.write = write  # type: ignore[method-assign]
     elif point in ("commit_before_rename", "overwrite_between_renames"):
         orig_publish = writer.publish
 
