@@ -47,6 +47,8 @@ from ckptdb.errors import (
 )
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import DEFAULT_ALGORITHM, hash_file, new_hasher
+from ckptdb.storage.location import LocalLocation, Location, ObjectLocation, parse_location, require_shared_catalog
+from ckptdb.storage.store import open_store
 
 _RANK_RE = re.compile(r"^(?:rank_(\d+)(?:\.\d+)?\.pt|trainer/rank_(\d+)\.pt)$")
 
@@ -189,7 +191,7 @@ def _world_size(files: list[tuple[str, int]]) -> int:
 
 def import_directory(
     url: str,
-    checkpoint_dir: Path | str,
+    checkpoint_dir: Path | str | Location,
     *,
     run: str | None = None,
     dry_run: bool = False,
@@ -206,7 +208,12 @@ def import_directory(
     """
     from ckptdb.manager import default_run_name
 
-    d = Path(checkpoint_dir).expanduser().resolve()
+    loc = parse_location(checkpoint_dir)
+    if isinstance(loc, ObjectLocation):
+        require_shared_catalog(loc, url)
+        open_store(loc)  # the object store's importer is not wired in yet: raises
+    assert isinstance(loc, LocalLocation)
+    d = loc.path
     if not d.is_dir():
         raise InvalidArgumentError(f"{str(d)!r} is not a directory")
     new_hasher(hash_algorithm)

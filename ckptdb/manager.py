@@ -81,9 +81,11 @@ from ckptdb.recovery import (
 from ckptdb.storage import dcp as sharded_io
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import new_hasher
+from ckptdb.storage.location import LocalLocation, ObjectLocation, parse_location, require_shared_catalog
 from ckptdb.storage.reader import check_files, load_torch
 from ckptdb.storage.safety import check_weights_only_safe
 from ckptdb.storage.staging import StagingArea
+from ckptdb.storage.store import Store, open_store
 from ckptdb.storage.writer import (
     FileRecord,
     StepWriter,
@@ -104,8 +106,8 @@ _MODEL_KEY_ENTRY = "model_key"  # fairseq2's bookkeeping entry in model.pt / ran
 _HEARTBEAT_EVERY_S = 60.0
 
 
-def default_run_name(checkpoint_dir: Path) -> str:
-    """A run is named after its checkpoint directory's absolute path (unique on a shared catalog)."""
+def default_run_name(checkpoint_dir: Path | str) -> str:
+    """A run is named after its checkpoint directory's absolute path or URL (unique on a shared catalog)."""
     name = str(checkpoint_dir)
     return name if len(name) <= validation.MAX_NAME else "…" + name[-(validation.MAX_NAME - 1) :]
 
@@ -147,7 +149,9 @@ class FileCheckpointManager:
     """Saves and loads training checkpoints in ``checkpoint_dir/step_<N>/`` with a SQL catalog.
 
     Args:
-        checkpoint_dir: where step directories live (created if missing).
+        checkpoint_dir: where step directories live: a path or ``file:///absolute/path`` (created if
+            missing). ``s3://bucket/prefix`` needs ``catalog=`` (or ``CKPTDB_URL``); any other URL
+            scheme is refused with InvalidArgumentError (see :mod:`ckptdb.storage.location`).
         catalog: SQLAlchemy URL of the catalog. Default: env ``CKPTDB_URL``, else
             ``sqlite:///<checkpoint_dir>/catalog.db``.
         run: the run's name in the catalog. Default: the absolute path of ``checkpoint_dir``.
@@ -182,7 +186,12 @@ class FileCheckpointManager:
                 f"FileCheckpointManager's second positional argument is the gang, not a {type(gang).__name__}: "
                 "pass the catalog URL as catalog=..."
             )
-        self.checkpoint_dir = Path(checkpoint_dir).expanduser().resolve()
+        location = parse_location(checkpoint_dir)
+        if isinstance(location, ObjectLocation):
+            require_shared_catalog(location, catalog or os.environ.get("CKPTDB_URL"))
+        self.store: Store = open_store(location, fsync=(save_options or SaveOptions()).fsync)
+        assert isinstance(location, LocalLocation)  # open_store refuses the others (for now)
+        self.checkpoint_dir = location.path
         self.gang: Gang = as_gang(gang)
         if (dp_gang is None) != (tp_gang is None):
             raise InvalidArgumentError("dp_gang and tp_gang must be given together")
