@@ -276,22 +276,26 @@ class S3Client:
     # ------------------------------------------------------------------ writes
 
     def put_bytes(
-        self, bucket: str, key: str, data: bytes | bytearray | memoryview, *, hasher: Hasher | None = None
+        self,
+        bucket: str,
+        key: str,
+        data: bytes | bytearray | memoryview,
+        *,
+        hasher: Hasher | None = None,
+        overwrite: bool = False,
     ) -> WrittenObject:
-        """One conditional PUT (``If-None-Match: *``) with a CRC32C; raises ObjectExistsError if the key exists."""
+        """One conditional PUT (``If-None-Match: *``) with a CRC32C; raises ObjectExistsError if the key exists.
+
+        ``overwrite=True`` drops the condition (only for small metadata objects such as ``model.yaml``)."""
         view = memoryview(data).cast("B")
         if hasher is not None:
             hasher.update(view)
         crc = crc32c.crc32c(view)
         body = data if isinstance(data, bytes | bytearray) else bytes(view)
         try:
+            cond: dict[str, str] = {} if overwrite else {"IfNoneMatch": "*"}
             resp = self._client.put_object(
-                Bucket=bucket,
-                Key=key,
-                Body=body,
-                IfNoneMatch="*",
-                ChecksumAlgorithm="CRC32C",
-                ChecksumCRC32C=crc32c_b64(crc),
+                Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc32c_b64(crc), **cond
             )
         except Exception as e:
             err = self.translate(e, bucket, key, "write")

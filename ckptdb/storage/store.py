@@ -566,21 +566,27 @@ def open_store(
     *,
     fsync: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    object_store: bool = False,
 ) -> Store:
     """The :class:`Store` for a parsed (or parseable) location: the one place object storage is wired in.
 
     Raises:
         InvalidArgumentError: an unparseable or unsupported location (see :func:`parse_location`).
-        UnsupportedCheckpointError: an ``s3://`` location while the object store is not available.
+        UnsupportedCheckpointError: an ``s3://`` location from a caller that does not pass
+            ``object_store=True`` (one whose protocol is not yet routed through the Store interface).
     """
     loc = parse_location(location)
     if isinstance(loc, LocalLocation):
         return LocalStore(loc, fsync=fsync)
     assert isinstance(loc, ObjectLocation)
-    raise UnsupportedCheckpointError(
-        f"checkpoint_dir {loc.url!r}: object storage (s3://) is not available in this version of ckptdb yet; "
-        "use a local or network-mounted directory"
-    )
+    if not object_store:
+        raise UnsupportedCheckpointError(
+            f"checkpoint_dir {loc.url!r}: object storage (s3://) is not available in this version of ckptdb yet; "
+            "use a local or network-mounted directory"
+        )
+    from ckptdb.storage.objectstore import ObjectStore
+
+    return ObjectStore(loc, storage_options=storage_options)
 
 
 __all__ = [
