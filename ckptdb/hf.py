@@ -37,9 +37,10 @@ import torch
 
 from ckptdb import retention as policies
 from ckptdb.catalog import CheckpointInfo, ShardInfo
+from ckptdb.commit import jsonable as _jsonable
 from ckptdb.errors import CheckpointError, InvalidArgumentError
 from ckptdb.integrations import common
-from ckptdb.manager import FileCheckpointManager, _jsonable
+from ckptdb.manager import FileCheckpointManager
 from ckptdb.recovery import hold_token, release_token
 from ckptdb.storage.hashing import DEFAULT_ALGORITHM, hash_file, new_hasher
 from ckptdb.storage.location import local_path

@@ -171,7 +171,7 @@ def scan(checkpoint_dir: Path) -> tuple[list[FoundStep], dict[str, str], list[st
 
 def _read_metadata(step_dir: Path, found: FoundStep, warnings: list[str]) -> dict[str, Any] | None:
     """fairseq2's ``metadata.pt`` as JSON for the catalog (weights-only load; anything else is skipped)."""
-    from ckptdb.manager import _jsonable
+    from ckptdb.commit import jsonable
     from ckptdb.storage.reader import load_torch
 
     if not any(p == layout.METADATA_FILE for p, _ in found.files):
@@ -181,7 +181,7 @@ def _read_metadata(step_dir: Path, found: FoundStep, warnings: list[str]) -> dic
     except CheckpointError as e:
         warnings.append(f"{step_dir / layout.METADATA_FILE}: not recorded in the catalog ({e})")
         return None
-    return _jsonable(data) if isinstance(data, dict) else None
+    return jsonable(data) if isinstance(data, dict) else None
 
 
 def _world_size(files: list[tuple[str, int]]) -> int:

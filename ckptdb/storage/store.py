@@ -253,7 +253,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def exists(self, directory: str) -> bool:
-        """Whether ``directory`` exists (local: is a directory; object store: has an object under it)."""
+        """Whether ``directory`` exists (local: any entry of that name; object store: an object under it)."""
 
     @abc.abstractmethod
     def owner(self, directory: str) -> str | None:
@@ -486,7 +486,7 @@ class LocalStore(Store):
             _writer.fsync_dir(self.root)
 
     def exists(self, directory: str) -> bool:
-        return self.path(directory).is_dir()
+        return self.path(directory).exists()
 
     def owner(self, directory: str) -> str | None:
         return _writer.read_token(self.path(directory))

@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-import ckptdb.manager as manager_mod
 import ckptdb.recovery as recovery_mod
 from ckptdb import FileCheckpointManager
 from ckptdb.catalog import store
@@ -108,7 +107,7 @@ def overwrite(directory: Path, url: str) -> None:
         writer.fsync_dir(checkpoint_dir)
         return True
 
-    manager_mod.publish = publish  # type: ignore[assignment]
+    writer.publish = publish  # type: ignore[assignment]
     m = FileCheckpointManager(directory, catalog=url)
     m.begin_checkpoint(1, overwrite=True)
     m.save_state(make_state(101))
