@@ -69,7 +69,9 @@ def main() -> None:
             assert torch.equal(loaded["model"]["layer0"], state["model"]["layer0"])
             assert abs(rec.size_bytes - nbytes) < 4096
     mb = nbytes / 1e6
-    print(f"server={args.server} file={nbytes >> 20} MiB part={part >> 20} MiB concurrency={conc} best of {args.repeat}")
+    print(
+        f"server={args.server} file={nbytes >> 20} MiB part={part >> 20} MiB concurrency={conc} best of {args.repeat}"
+    )
     print(f"  raw multipart upload   {mb / raw_up:8.0f} MB/s")
     print(f"  ckptdb save            {mb / ck_up:8.0f} MB/s   ratio {raw_up / ck_up:.2f}")
     print(f"  raw ranged GET         {mb / raw_dn:8.0f} MB/s")

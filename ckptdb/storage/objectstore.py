@@ -267,6 +267,15 @@ class ObjectStore(Store):
     def exists(self, directory: str) -> bool:
         return next(iter(self.client.list_objects(self.bucket, self._prefix(directory))), None) is not None
 
+    def isdir(self, directory: str) -> bool:
+        return self.exists(directory)
+
+    def checksum(self, directory: str, relpath: str) -> str | None:
+        """The server's full-object checksum (``crc32c:<base64>``) from HEAD, without downloading; None when
+        the object is missing or the server keeps none (``verify --remote-checksum``)."""
+        meta = self.client.head(self.bucket, self.key(directory, layout.check_relpath(relpath, 0)))
+        return None if meta is None else meta.checksum
+
     def owner(self, directory: str) -> str | None:
         parsed = parse_attempt_dir(directory)
         return parsed[1] if parsed else None
