@@ -29,7 +29,6 @@ from ckptdb.errors import (
     CheckpointError,
     InvalidOperationError,
     ObjectStoreError,
-    UnsupportedCheckpointError,
 )
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import new_hasher
@@ -157,9 +156,19 @@ class ObjectAttemptWriter(AttemptWriter):
         return self._record(relpath, done.size, done.digest, done.checksum, rank, kind)
 
     def write_sharded(self, state: dict[str, Any], *, rank: int, process_group: Any) -> dict[str, FileRecord]:
-        raise UnsupportedCheckpointError(
-            f"step {self.step_nr}: DCP-sharded state on object storage ({self.store.url}) is not supported yet"
+        from ckptdb.storage import dcp_object
+
+        records = dcp_object.save_sharded(
+            self.store,
+            self.directory,
+            state,
+            rank=rank,
+            process_group=process_group,
+            hash_algorithm=self.hash_algorithm,
         )
+        with self._lock:
+            self.records.update(records)
+        return records
 
     def finalize(self) -> None:
         """Nothing left: every object's upload completed (conditionally) when its write returned."""
@@ -396,9 +405,9 @@ class ObjectStore(Store):
         process_group: Any,
         verify: str,
     ) -> None:
-        raise UnsupportedCheckpointError(
-            f"step {step_nr}: DCP-sharded state on object storage ({self.url}) is not supported yet"
-        )
+        from ckptdb.storage import dcp_object
+
+        dcp_object.load_sharded(self, directory, state, records, step_nr, process_group=process_group, verify=verify)
 
     def write_text(self, name: str, text: str) -> None:
         """Replace a small top-level object (``model.yaml``): the one unconditional write."""
