@@ -429,7 +429,9 @@ class Committer:
             files: dict[str, ShardInfo] = {}
             for recs in records:
                 for r in recs:
-                    files[r.path] = ShardInfo(r.path, r.size_bytes, r.hash_algorithm, r.digest, r.rank, r.kind)
+                    files[r.path] = ShardInfo(
+                        r.path, r.size_bytes, r.hash_algorithm, r.digest, r.rank, r.kind, remote_checksum=r.checksum
+                    )
             try:
                 op.writer.finalize()
             except OSError as e:
