@@ -100,6 +100,9 @@ class FileCheckpointManager:
         retention: a policy from :mod:`ckptdb.retention` (e.g. ``AnyOf(KeepLast(2), KeepBest(3))``)
             applied after every commit, as Orbax's ``max_to_keep`` is. ``None``: keep everything
             (the fairseq2-style ``keep_*`` calls work either way).
+        storage_options: for an ``s3://`` run, overrides of the AWS environment (``endpoint_url``,
+            ``region``, ``access_key_id``, ``secret_access_key``, ``profile``, ``part_size``,
+            ``concurrency``, ...; see docs/object-storage.md). Ignored for a local directory.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class FileCheckpointManager:
         load_options: LoadOptions | None = None,
         recovery_options: RecoveryOptions | None = None,
         retention: Any = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(gang, str | os.PathLike):
             raise InvalidArgumentError(
@@ -125,15 +129,17 @@ class FileCheckpointManager:
         if isinstance(location, ObjectLocation):
             require_shared_catalog(location, catalog or os.environ.get("CKPTDB_URL"))
         save_options = save_options or SaveOptions()
-        store: Store = open_store(location, fsync=save_options.fsync)
-        assert isinstance(location, LocalLocation)  # open_store refuses the others (for now)
-        self.checkpoint_dir = location.path
+        store: Store = open_store(
+            location, fsync=save_options.fsync, storage_options=storage_options, object_store=True
+        )
+        # the local directory; None for an object store (its url is ``self.store.url``)
+        self.checkpoint_dir: Path | None = location.path if isinstance(location, LocalLocation) else None
         gang_ = as_gang(gang)
         if (dp_gang is None) != (tp_gang is None):
             raise InvalidArgumentError("dp_gang and tp_gang must be given together")
         self.retention = retention
         new_hasher(save_options.hash_algorithm)  # fail early on an unknown algorithm
-        url = catalog or os.environ.get("CKPTDB_URL") or sqlite_url(self.checkpoint_dir / layout.CATALOG_FILE)
+        url = catalog or os.environ.get("CKPTDB_URL") or sqlite_url(location.path / layout.CATALOG_FILE)  # type: ignore[union-attr]
         self._ctx = RunContext(
             store=store,
             gang=gang_,
@@ -246,6 +252,12 @@ class FileCheckpointManager:
             log.warning("ckptdb: %s is read-only; skipping recovery (loads still work)", self.store.url)
             return None
         try:
+            if self.checkpoint_dir is None:  # an object store: catalog-driven, nothing to rename
+                from ckptdb.objrecovery import recover_object_run
+
+                return recover_object_run(
+                    self.catalog, run, self.store, self._ctx.who, stale_after=self.recovery_options.stale_after
+                )
             return recover_run(
                 self.catalog,
                 run,

@@ -9,7 +9,7 @@ import pytest
 
 from ckptdb import FileCheckpointManager
 from ckptdb.cli import main
-from ckptdb.errors import InvalidArgumentError, UnsupportedCheckpointError
+from ckptdb.errors import InvalidArgumentError, ObjectStoreError, UnsupportedCheckpointError
 from ckptdb.importer import import_directory
 from ckptdb.loader import load_model
 from ckptdb.storage.location import LocalLocation, ObjectLocation, local_path, parse_location
@@ -93,13 +93,21 @@ def test_manager_s3_needs_a_shared_catalog(cwd: Path) -> None:
     assert os.listdir(cwd) == []  # no `s3:` directory, no catalog.db
 
 
-def test_manager_s3_with_catalog_is_not_available_yet(
+def test_manager_s3_with_catalog_opens_the_object_store(
     cwd: Path, catalog_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(UnsupportedCheckpointError, match="'s3://bucket/x': object storage"):
+    """With a catalog, an s3:// run goes to the object store (tests/s3 run it end to end); without
+    credentials that is a clear error, raised before any request leaves, and nothing is written locally."""
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(cwd / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(cwd / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(ObjectStoreError, match="no S3 credentials found"):
         FileCheckpointManager("s3://bucket/x", catalog=catalog_url)
     monkeypatch.setenv("CKPTDB_URL", catalog_url)
-    with pytest.raises(UnsupportedCheckpointError, match="object storage"):
+    with pytest.raises(ObjectStoreError, match="no S3 credentials found"):
         FileCheckpointManager("s3://bucket/x")
     assert os.listdir(cwd) == []
 

@@ -1,0 +1,119 @@
+"""Recovery and deletion for a run on an object store (``s3://``), where nothing is ever renamed.
+
+The filesystem protocols (:mod:`ckptdb.recovery`) reconcile renamed directories; on an object store
+every attempt stays under its own prefix ``step_<N>.<token>/`` and the catalog alone says what it
+is, so recovery is three catalog-driven passes:
+
+1. a ``pending`` row whose writer is gone is aborted (conditional update), then its prefix removed
+   (incomplete multipart uploads aborted, every object deleted);
+2. a ``deleting`` row is finished (:func:`finish_delete`);
+3. a listed prefix ``step_<N>.<token>/`` whose token belongs to a row of this run that is no longer
+   live (``aborted``, ``superseded``, ``deleted`` without a preserved model) is removed: the
+   debris of a process that died after its catalog change and before its removal. A prefix whose
+   token the catalog does not know, and an imported ``step_<N>/``, are only reported (``foreign``):
+   never guessed.
+
+Crash windows: every step is redone by the next recovery. The catalog change comes first, the
+removal after (so a crash leaves debris that pass 3 finds, never a committed row without objects).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from ckptdb import _hooks
+from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo
+from ckptdb.catalog.models import State
+from ckptdb.errors import CheckpointCorruptError, ConcurrentModificationError
+from ckptdb.recovery import RecoveryReport, writer_alive
+from ckptdb.storage import layout
+from ckptdb.storage.store import Store
+
+log = logging.getLogger("ckptdb")
+
+_GONE = {State.ABORTED.value, State.SUPERSEDED.value, State.DELETED.value}
+
+
+def recover_object_run(
+    catalog: Catalog,
+    run: RunInfo,
+    store: Store,
+    who: tuple[str, int],
+    *,
+    stale_after: timedelta = timedelta(hours=2),
+    dry_run: bool = False,
+) -> RecoveryReport:
+    """Reconcile one object-store run with its catalog rows (see the module docstring)."""
+    rep = RecoveryReport()
+    now = catalog.now
+    for c in catalog.in_states(run.id, [State.PENDING]):
+        if writer_alive(c, stale_after, now):
+            rep.live_writers.append(c.step_nr)
+            continue
+        _hooks.hook("recovery.before_abort")
+        if dry_run or catalog.abort(c.id, f"writer {c.writer_host}:{c.writer_pid} died before commit", who):
+            rep.rolled_back.append(c.step_nr)
+            if not dry_run and store.owner(c.directory) == c.token:
+                store.remove_tree(c.directory)
+    for c in catalog.in_states(run.id, [State.DELETING]):
+        if not dry_run:
+            try:
+                finish_delete(catalog, c, store, who)
+            except CheckpointCorruptError as e:
+                rep.unsafe_paths.append(str(e))
+                continue
+        rep.deletions_finished.append(c.step_nr)
+    rows = catalog.tokens(run.id)
+    for name in sorted(store.list_entries()):
+        token = store.owner(name)
+        row = rows.get(token) if token is not None else None
+        if row is None:
+            if not any(r.directory == name for r in rows.values()):
+                rep.foreign.append(name)  # unknown token or an unimported step_<N>/: never guessed
+            continue
+        if row.state in _GONE and not (row.state == State.DELETED.value and row.model_preserved):
+            if not dry_run:
+                store.remove_tree(name)
+            rep.removed.append(name)
+    if rep.changed and not dry_run:
+        log.warning("ckptdb recovered run %r: %s", run.name, rep)
+    return rep
+
+
+def finish_delete(catalog: Catalog, c: CheckpointInfo, store: Store, who: tuple[str, int]) -> list[str]:
+    """Phases 2 and 3 of a deletion on an object store: mark the row deleted, then remove its objects.
+
+    Under the run's lock the row is re-read (it must still be ``deleting``); with ``model_preserved``
+    the non-model objects are deleted there and the row marked deleted with the kept paths;
+    otherwise the row is marked deleted first and the prefix removed after the lock (a crash in
+    between leaves a prefix whose token names a deleted row: recovery's pass 3 removes it).
+
+    Raises:
+        CheckpointCorruptError: the row's directory is not one of its step's names (a tampered
+            catalog): nothing is removed.
+    """
+    store.check_directory(c.step_nr, c.directory)
+    kept: list[str] = []
+    remove = False
+    with catalog.run_lock(c.run_id):
+        now = catalog.by_tokens([c.token]).get(c.token)
+        _hooks.hook("finish_delete.locked")
+        if now is None or now.state != State.DELETING.value:
+            return []
+        if now.model_preserved:
+            kept = [s.path for s in catalog.shards(c.id) if layout.kept_with_model(s.path)]
+            store.remove_files(c.directory, set(kept))
+        else:
+            remove = store.owner(c.directory) == c.token or store.owner(c.directory) is None
+        try:
+            catalog.mark_deleted(c.id, who, kept_paths=kept)
+        except ConcurrentModificationError:
+            pass
+    if remove:
+        _hooks.hook("finish_delete.before_rmtree")
+        store.remove_tree(c.directory)
+    return kept
+
+
+__all__ = ["finish_delete", "recover_object_run"]
