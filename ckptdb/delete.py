@@ -88,6 +88,10 @@ def apply_retention(ctx: RunContext, policy: Any, preserve_model: bool) -> list[
     if not ctx.store.writable():
         log.warning("ckptdb: %s is read-only; retention deletes nothing", ctx.store.url)
         return []
+    if not ctx.store.is_local:
+        from ckptdb import objrecovery
+
+        return objrecovery.apply_policy(ctx.catalog, ctx.run, ctx.store, policy, ctx.who, preserve_model=preserve_model)
     gone = directory_unavailable(ctx.catalog, ctx.run, ctx.checkpoint_dir)
     if gone is not None:
         log.warning("ckptdb: retention deletes nothing: %s", gone)

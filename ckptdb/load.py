@@ -47,6 +47,13 @@ def mark_damaged(ctx: RunContext, info: CheckpointInfo, e: CheckpointCorruptErro
     or its copy is only set aside by an unfinished overwrite); a catalog failure is logged."""
     if not ctx.is_coordinator:
         return
+    if not ctx.store.is_local:  # nothing is ever unmounted or set aside on an object store
+        state = State.MISSING if (e.missing and not ctx.store.exists(info.directory)) else State.CORRUPT
+        try:
+            ctx.catalog.mark_damaged(info.id, state, str(e), ctx.who)
+        except CheckpointError as err:
+            log.warning("ckptdb: could not record damage of step %d: %s", info.step_nr, err)
+        return
     if e.missing and directory_unavailable(ctx.catalog, ctx.run, ctx.checkpoint_dir) is not None:
         return  # the whole directory is gone or empty (unmounted?): not this checkpoint's damage
     aside = set_aside_copy(ctx.checkpoint_dir, info)
@@ -87,7 +94,9 @@ class Loader:
     def verify_and_mark(self, info: CheckpointInfo, shards: list[ShardInfo], verify: str) -> None:
         """Check the files' sizes (always) and digests (unless ``verify="size"``); record damage."""
         store = self.ctx.store
-        recs = [FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest) for s in shards]
+        recs = [
+            FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest, checksum=s.remote_checksum) for s in shards
+        ]
         try:
             directory = store.check_directory(info.step_nr, info.directory)
             owner = store.owner(directory)
@@ -132,7 +141,7 @@ class Loader:
         ctx = self.ctx
         prefix = sharded_io.SHARDED_DIR + "/"
         records = {
-            s.path: FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest, s.rank, s.kind)
+            s.path: FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest, s.rank, s.kind, s.remote_checksum)
             for s in shards
             if s.path.startswith(prefix)
         }

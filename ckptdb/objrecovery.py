@@ -20,15 +20,18 @@ removal after (so a crash leaves debris that pass 3 finds, never a committed row
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 from ckptdb import _hooks
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo
 from ckptdb.catalog.models import State
-from ckptdb.errors import CheckpointCorruptError, ConcurrentModificationError
+from ckptdb.errors import CheckpointCorruptError, CheckpointError, ConcurrentModificationError
 from ckptdb.recovery import RecoveryReport, writer_alive
 from ckptdb.storage import layout
 from ckptdb.storage.store import Store
+from ckptdb.storage.writer import FileRecord
 
 log = logging.getLogger("ckptdb")
 
@@ -116,4 +119,48 @@ def finish_delete(catalog: Catalog, c: CheckpointInfo, store: Store, who: tuple[
     return kept
 
 
-__all__ = ["finish_delete", "recover_object_run"]
+def apply_policy(
+    catalog: Catalog, run: RunInfo, store: Store, policy: Any, who: tuple[str, int], *, preserve_model: bool
+) -> list[int]:
+    """Retention on an object store: size-check what the policy keeps (HEAD per object; a damaged one is
+    marked and does not count as kept), claim in one transaction, then delete each claimed checkpoint."""
+    from ckptdb import retention
+
+    while _mark_damaged_by_size(catalog, run, store, retention.plan(catalog, run.id, policy).keep, who):
+        pass
+    claimed = catalog.claim_for_deletion(
+        run.id, policy.components(), retention.deletion_reason(policy), who, preserve_model=preserve_model
+    )
+    _hooks.hook("retention.after_claim")
+    deleted: list[int] = []
+    for c in claimed:
+        try:
+            finish_delete(catalog, c, store, who)
+            deleted.append(c.step_nr)
+        except (OSError, CheckpointError) as e:
+            log.warning("ckptdb: step %d of run %r stays 'deleting' (gc finishes it): %s", c.step_nr, run.name, e)
+    return deleted
+
+
+def _mark_damaged_by_size(
+    catalog: Catalog, run: RunInfo, store: Store, steps: Iterable[int], who: tuple[str, int]
+) -> list[int]:
+    marked: list[int] = []
+    for step in steps:
+        info = catalog.live(run.id, step)
+        if info is None or info.state != State.COMMITTED.value:
+            continue
+        recs = [
+            FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest, s.rank, s.kind, s.remote_checksum)
+            for s in catalog.shards(info.id)
+        ]
+        try:
+            store.check_files(info.directory, recs, step, digest=False)
+        except CheckpointCorruptError as e:
+            state = State.MISSING if e.missing else State.CORRUPT
+            if catalog.mark_damaged(info.id, state, f"retention size check: {e}"[:2000], who):
+                marked.append(step)
+    return marked
+
+
+__all__ = ["apply_policy", "finish_delete", "recover_object_run"]

@@ -127,3 +127,22 @@ def test_missing_bucket_is_a_clear_error(moto_server: object, catalog_url: str) 
         FileCheckpointManager(
             "s3://no-such-bucket-ckptdb/x", catalog=catalog_url, storage_options=moto_server.storage_options()
         )
+
+
+def test_retention_and_fallback_on_s3(moto_bucket: Bucket, catalog_url: str) -> None:
+    from ckptdb.retention import KeepLast
+
+    b = moto_bucket
+    m = manager(b, catalog_url, retention=KeepLast(2))
+    for step in (1, 2, 3, 4):
+        save(m, step)
+    assert m.get_step_numbers() == [3, 4]
+    dirs = {c.step_nr: c.directory for c in m.get_checkpoints()}
+    assert {k.split("/")[2] for k in objects(b)} == {dirs[3], dirs[4]}  # 1 and 2 are gone from the bucket
+    # a file of the newest checkpoint vanishes behind the catalog's back: the load falls back and records it
+    b.server.boto3_client().delete_object(Bucket=b.name, Key=f"runs/exp1/{dirs[4]}/model.pt")
+    step, state = m.load_last_checkpoint()
+    assert step == 3
+    assert_state_equal(state, make_state(3))
+    assert {c.step_nr: c.state for c in m.get_checkpoints()}[4] == "corrupt"  # as locally: one file of several gone
+    m.close()
