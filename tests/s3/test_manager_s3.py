@@ -146,3 +146,22 @@ def test_retention_and_fallback_on_s3(moto_bucket: Bucket, catalog_url: str) -> 
     assert_state_equal(state, make_state(3))
     assert {c.step_nr: c.state for c in m.get_checkpoints()}[4] == "corrupt"  # as locally: one file of several gone
     m.close()
+
+
+def test_async_save_on_s3(moto_bucket: Bucket, catalog_url: str) -> None:
+    """SaveOptions(blocking=False): the commit (uploads included) runs in the background; values changed
+    after save_state never reach the objects."""
+    from ckptdb.options import SaveOptions
+
+    m = manager(moto_bucket, catalog_url, save_options=SaveOptions(blocking=False))
+    for step in (1, 2):
+        state = make_state(step, size=1200)  # ~5.8 MiB of model: a multipart upload
+        m.begin_checkpoint(step)
+        m.save_state(state)
+        state["model"]["w"].add_(1.0)  # after the call: must not reach the checkpoint
+        m.commit_checkpoint()
+    m.wait()
+    assert m.get_step_numbers() == [1, 2]
+    for step in (1, 2):
+        assert_state_equal(m.load_checkpoint(step), make_state(step, size=1200))
+    m.close()
