@@ -18,6 +18,7 @@ overwritten object is the run's top-level ``model.yaml`` (:meth:`ObjectStore.wri
 from __future__ import annotations
 
 import io
+import logging
 import re
 import threading
 import time
@@ -36,6 +37,8 @@ from ckptdb.storage.location import ObjectLocation
 from ckptdb.storage.s3client import S3Client, config_from
 from ckptdb.storage.store import AttemptWriter, ProgressFn, Published, Store
 from ckptdb.storage.writer import FileRecord, TorchFile, _no_torch_crc32, _run_threads
+
+log = logging.getLogger("ckptdb")
 
 _ATTEMPT_RE = re.compile(r"^step_(\d+)\.([0-9a-f]{16})$")
 _ENTRY_RE = re.compile(r"^step_\d+(\.[0-9A-Za-z_-]+)?$")
@@ -174,7 +177,12 @@ class ObjectAttemptWriter(AttemptWriter):
         """Nothing left: every object's upload completed (conditionally) when its write returned."""
 
     def abort(self) -> None:
-        self.store.remove(self.directory)
+        """Remove the attempt's objects and uploads; when the store cannot be reached, leave them (logged):
+        the catalog row says whose they are, and recovery / gc remove them by that token later."""
+        try:
+            self.store.remove(self.directory)
+        except OSError as e:  # ObjectStoreError included
+            log.warning("ckptdb: could not remove %s now (%s); recovery removes it later", self.where, e)
 
 
 class ObjectStore(Store):
@@ -290,9 +298,16 @@ class ObjectStore(Store):
         return parsed[1] if parsed else None
 
     def list_entries(self) -> list[str]:
+        """Prefixes holding objects, and prefixes holding only incomplete multipart uploads (a writer that
+        died in its first upload leaves no object at all, only an upload)."""
         root = self.location.prefix + "/" if self.location.prefix else ""
-        names = [p[len(root) :].rstrip("/") for p in self.client.list_dirs(self.bucket, root)]
-        return [n for n in names if _ENTRY_RE.match(n)]
+        names = {p[len(root) :].rstrip("/") for p in self.client.list_dirs(self.bucket, root)}
+        names |= {
+            k[len(root) :].split("/", 1)[0]
+            for k in self.client.list_uploads(self.bucket, root)
+            if "/" in k[len(root) :]
+        }
+        return sorted(n for n in names if _ENTRY_RE.match(n))
 
     def list_files(self, directory: str) -> dict[str, int]:
         prefix = self._prefix(directory)

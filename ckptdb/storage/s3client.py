@@ -34,7 +34,6 @@ import base64
 import functools
 import hashlib
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -493,9 +492,15 @@ class S3Client:
             raise self.translate(e, bucket, key, "abort upload") from e
 
     def list_uploads(self, bucket: str, prefix: str) -> list[str]:
-        """Keys with an incomplete multipart upload under ``prefix`` (one entry per upload)."""
-        r = self._call("list uploads", bucket, None, self._client.list_multipart_uploads, Prefix=prefix)
-        return [str(u["Key"]) for u in r.get("Uploads", [])]
+        """Keys with an incomplete multipart upload under ``prefix`` (one entry per upload), in key order."""
+        keys: list[str] = []
+        kw: dict[str, Any] = {"Prefix": prefix}
+        while True:
+            r = self._call("list uploads", bucket, None, self._client.list_multipart_uploads, **kw)
+            keys.extend(str(u["Key"]) for u in r.get("Uploads", []))
+            if not r.get("IsTruncated"):
+                return sorted(keys)
+            kw = {"Prefix": prefix, "KeyMarker": r["NextKeyMarker"], "UploadIdMarker": r["NextUploadIdMarker"]}
 
 
 class _BufferPool:
@@ -791,12 +796,7 @@ class ObjectWriter:
             self._buf = None
         if self._state.upload_id is not None:
             upload_id, self._state.upload_id = self._state.upload_id, None
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    self._c._abort(self.bucket, self.key, upload_id)
-                    return
-                except CheckpointError:
-                    if time.monotonic() > deadline:
-                        return  # recovery / gc abort it by the attempt's prefix later
-                    time.sleep(0.5)
+            try:
+                self._c._abort(self.bucket, self.key, upload_id)  # botocore already retried it
+            except CheckpointError:
+                pass  # the store is unreachable: recovery / gc abort it by the attempt's prefix later

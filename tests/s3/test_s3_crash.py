@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckptdb.errors import ObjectStoreError
 from ckptdb.storage.location import ObjectLocation
@@ -98,5 +99,55 @@ def test_server_killed_mid_upload_is_a_clear_error(tmp_path: Path) -> None:
                 w.write(chunk)
             w.close()
         assert time.monotonic() - t < 60
+    finally:
+        srv.stop()
+
+
+def test_server_killed_mid_save_then_restarted(tmp_path: Path, catalog_url: str) -> None:
+    """The S3 server dies during save_state: the save fails clearly and is rolled back in the catalog;
+    after a restart (same data) the next open removes the attempt's leftovers; step 1 is untouched."""
+    from ckptdb import FileCheckpointManager
+    from ckptdb.errors import CheckpointError
+    from tests.helpers import assert_state_equal, make_state, save
+
+    root, port = tmp_path / "weed", None
+    srv = start_seaweedfs(root=root)
+    port = int(srv.endpoint.rsplit(":", 1)[1])
+    try:
+        b = Bucket(srv, srv.new_bucket())
+        opts = b.storage_options(
+            part_size=MIN_PART_SIZE, concurrency=2, max_attempts=2, connect_timeout=1, read_timeout=5
+        )
+        m = FileCheckpointManager(f"s3://{b.name}/run", catalog=catalog_url, storage_options=opts)
+        save(m, 1)
+        raw = srv.boto3_client()
+        m.begin_checkpoint(2)
+        err: list[BaseException] = []
+
+        def saver() -> None:
+            try:
+                m.save_state({"model": {"w": torch.randn(30 * MIN_PART_SIZE // 4)}})  # 150 MiB
+            except BaseException as e:  # noqa: BLE001 - inspected below
+                err.append(e)
+
+        t = threading.Thread(target=saver)
+        t.start()
+        wait_for(lambda: bool(raw.list_multipart_uploads(Bucket=b.name, Prefix="run/").get("Uploads")), what="upload")
+        srv.stop()
+        t.join(120)
+        assert not t.is_alive() and err and isinstance(err[0], CheckpointError)
+        assert {c.step_nr: c.state for c in m.get_checkpoints()} == {1: "committed", 2: "aborted"}
+        attempt = next(c.directory for c in m.get_checkpoints() if c.step_nr == 2)
+        m.close()
+        srv = start_seaweedfs(root=root, s3_port=port)
+        left = raw.list_multipart_uploads(Bucket=b.name, Prefix=f"run/{attempt}/").get("Uploads", [])
+        assert left  # the rollback could not reach the server: its upload is still there
+        again = FileCheckpointManager(f"s3://{b.name}/run", catalog=catalog_url, storage_options=opts)
+        assert again.last_recovery is not None and attempt in again.last_recovery.removed
+        assert not raw.list_multipart_uploads(Bucket=b.name, Prefix="run/").get("Uploads")
+        keys = [o["Key"] for o in raw.list_objects_v2(Bucket=b.name, Prefix="run/").get("Contents", [])]
+        assert keys and all(not k.startswith(f"run/{attempt}/") for k in keys)
+        assert_state_equal(again.load_checkpoint(1), make_state(1))
+        again.close()
     finally:
         srv.stop()

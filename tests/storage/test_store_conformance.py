@@ -232,7 +232,7 @@ def test_debris_of_a_dead_writer_is_removed(h: Harness) -> None:
     t, other = tok(), tok()
     write_attempt(s, 6, other)
     h.dead_writer(5, t)
-    assert s.exists(s.attempt_dir(5, t))
+    assert s.exists(s.attempt_dir(5, t)) and s.attempt_dir(5, t) in s.list_entries()
     assert h.pending_uploads() == (0 if s.is_local else 1)
     s.remove_tree(s.attempt_dir(5, t))
     assert not s.exists(s.attempt_dir(5, t))
