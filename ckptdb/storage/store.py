@@ -584,7 +584,12 @@ def open_store(
             f"checkpoint_dir {loc.url!r}: object storage (s3://) is not available in this version of ckptdb yet; "
             "use a local or network-mounted directory"
         )
-    from ckptdb.storage.objectstore import ObjectStore
+    try:
+        from ckptdb.storage.objectstore import ObjectStore
+    except ImportError as exc:
+        raise UnsupportedCheckpointError(
+            f"checkpoint_dir {loc.url!r}: object storage needs the s3 extra (pip install 'ckptdb[s3]'): {exc}"
+        ) from exc
 
     return ObjectStore(loc, storage_options=storage_options)
 
