@@ -68,7 +68,7 @@ def delete_checkpoint(ctx: RunContext, step_nr: int, missing_ok: bool, preserve_
         raise bad[1]
     _hooks.hook("delete.after_claim")
     try:
-        finish_delete(catalog, info, ctx.checkpoint_dir, ctx.who, fsync=ctx.save_options.fsync)
+        finish_delete(catalog, info, store, ctx.who, fsync=ctx.save_options.fsync)
     except OSError as e:
         raise CheckpointError(
             f"step {step_nr}: removing its files failed ({e}); it is marked 'deleting' and the deletion "
