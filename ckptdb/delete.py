@@ -101,7 +101,7 @@ def apply_retention(ctx: RunContext, policy: Any, preserve_model: bool) -> list[
     return cleanup.apply_policy(
         ctx.catalog,
         ctx.run,
-        ctx.checkpoint_dir,
+        ctx.store,
         policy,
         ctx.who,
         preserve_model=preserve_model,
