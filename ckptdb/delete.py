@@ -68,12 +68,7 @@ def delete_checkpoint(ctx: RunContext, step_nr: int, missing_ok: bool, preserve_
         raise bad[1]
     _hooks.hook("delete.after_claim")
     try:
-        if not store.is_local:
-            from ckptdb import objrecovery
-
-            objrecovery.finish_delete(catalog, info, store, ctx.who)
-        else:
-            finish_delete(catalog, info, ctx.checkpoint_dir, ctx.who, fsync=ctx.save_options.fsync)
+        finish_delete(catalog, info, store, ctx.who, fsync=ctx.save_options.fsync)
     except OSError as e:
         raise CheckpointError(
             f"step {step_nr}: removing its files failed ({e}); it is marked 'deleting' and the deletion "
@@ -110,7 +105,7 @@ def apply_retention(ctx: RunContext, policy: Any, preserve_model: bool) -> list[
     return cleanup.apply_policy(
         ctx.catalog,
         ctx.run,
-        ctx.checkpoint_dir,
+        ctx.store,
         policy,
         ctx.who,
         preserve_model=preserve_model,

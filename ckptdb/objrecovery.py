@@ -27,9 +27,8 @@ from typing import Any
 from ckptdb import _hooks
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo
 from ckptdb.catalog.models import State
-from ckptdb.errors import CheckpointCorruptError, CheckpointError, ConcurrentModificationError
+from ckptdb.errors import CheckpointCorruptError
 from ckptdb.recovery import RecoveryReport, writer_alive
-from ckptdb.storage import layout
 from ckptdb.storage.store import Store
 from ckptdb.storage.writer import FileRecord
 
@@ -85,38 +84,12 @@ def recover_object_run(
 
 
 def finish_delete(catalog: Catalog, c: CheckpointInfo, store: Store, who: tuple[str, int]) -> list[str]:
-    """Phases 2 and 3 of a deletion on an object store: mark the row deleted, then remove its objects.
+    """Phases 2 and 3 of a deletion: :func:`ckptdb.recovery.finish_delete`, which works on any Store (on an
+    object store the "set aside" is a no-op: the row is marked deleted under the lock and the prefix removed
+    after it; a crash in between leaves a prefix whose token names a deleted row, which pass 3 removes)."""
+    from ckptdb.recovery import finish_delete as _finish_delete
 
-    Under the run's lock the row is re-read (it must still be ``deleting``); with ``model_preserved``
-    the non-model objects are deleted there and the row marked deleted with the kept paths;
-    otherwise the row is marked deleted first and the prefix removed after the lock (a crash in
-    between leaves a prefix whose token names a deleted row: recovery's pass 3 removes it).
-
-    Raises:
-        CheckpointCorruptError: the row's directory is not one of its step's names (a tampered
-            catalog): nothing is removed.
-    """
-    store.check_directory(c.step_nr, c.directory)
-    kept: list[str] = []
-    remove = False
-    with catalog.run_lock(c.run_id):
-        now = catalog.by_tokens([c.token]).get(c.token)
-        _hooks.hook("finish_delete.locked")
-        if now is None or now.state != State.DELETING.value:
-            return []
-        if now.model_preserved:
-            kept = [s.path for s in catalog.shards(c.id) if layout.kept_with_model(s.path)]
-            store.remove_files(c.directory, set(kept))
-        else:
-            remove = store.owner(c.directory) == c.token or store.owner(c.directory) is None
-        try:
-            catalog.mark_deleted(c.id, who, kept_paths=kept)
-        except ConcurrentModificationError:
-            pass
-    if remove:
-        _hooks.hook("finish_delete.before_rmtree")
-        store.remove_tree(c.directory)
-    return kept
+    return _finish_delete(catalog, c, store, who)
 
 
 def apply_policy(
@@ -128,18 +101,9 @@ def apply_policy(
 
     while _mark_damaged_by_size(catalog, run, store, retention.plan(catalog, run.id, policy).keep, who):
         pass
-    claimed = catalog.claim_for_deletion(
-        run.id, policy.components(), retention.deletion_reason(policy), who, preserve_model=preserve_model
-    )
-    _hooks.hook("retention.after_claim")
-    deleted: list[int] = []
-    for c in claimed:
-        try:
-            finish_delete(catalog, c, store, who)
-            deleted.append(c.step_nr)
-        except (OSError, CheckpointError) as e:
-            log.warning("ckptdb: step %d of run %r stays 'deleting' (gc finishes it): %s", c.step_nr, run.name, e)
-    return deleted
+    from ckptdb import cleanup
+
+    return cleanup.apply_policy(catalog, run, store, policy, who, preserve_model=preserve_model)
 
 
 def _mark_damaged_by_size(

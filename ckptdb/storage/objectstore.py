@@ -301,7 +301,13 @@ class ObjectStore(Store):
         """Prefixes holding objects, and prefixes holding only incomplete multipart uploads (a writer that
         died in its first upload leaves no object at all, only an upload)."""
         root = self.location.prefix + "/" if self.location.prefix else ""
-        names = {p[len(root) :].rstrip("/") for p in self.client.list_dirs(self.bucket, root)}
+        # a flat listing (1000 keys a request), not LIST with a delimiter: some servers (SeaweedFS) keep
+        # listing a "directory" whose objects were all deleted
+        names = {
+            k[len(root) :].split("/", 1)[0]
+            for k, _ in self.client.list_objects(self.bucket, root)
+            if "/" in k[len(root) :]
+        }
         names |= {
             k[len(root) :].split("/", 1)[0]
             for k in self.client.list_uploads(self.bucket, root)

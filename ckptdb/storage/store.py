@@ -256,6 +256,11 @@ class Store(abc.ABC):
         """Whether ``directory`` exists (local: any entry of that name; object store: an object under it)."""
 
     @abc.abstractmethod
+    def isdir(self, directory: str) -> bool:
+        """Whether ``directory`` is a directory (local: ``Path.is_dir``, following a symbolic link;
+        object store: as :meth:`exists`)."""
+
+    @abc.abstractmethod
     def owner(self, directory: str) -> str | None:
         """The token of the attempt that made ``directory``, or None (an imported or foreign one).
         Local: its ``.ckptdb_token`` file; object store: the token in the name ``step_<N>.<token>``."""
@@ -395,7 +400,10 @@ class LocalStore(Store):
     """
 
     def __init__(self, location: LocalLocation | Path | str, *, fsync: bool = True) -> None:
-        loc = parse_location(location) if not isinstance(location, LocalLocation) else location
+        if isinstance(location, Path) and location.is_absolute():
+            loc: Location = LocalLocation(location)  # a path ckptdb resolved already: taken as it is
+        else:
+            loc = parse_location(location)
         if not isinstance(loc, LocalLocation):
             raise CheckpointError(f"LocalStore needs a local directory, not {loc.url!r}")
         self.location: LocalLocation = loc
@@ -487,6 +495,9 @@ class LocalStore(Store):
 
     def exists(self, directory: str) -> bool:
         return self.path(directory).exists()
+
+    def isdir(self, directory: str) -> bool:
+        return self.path(directory).is_dir()
 
     def owner(self, directory: str) -> str | None:
         return _writer.read_token(self.path(directory))

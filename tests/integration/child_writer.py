@@ -78,9 +78,7 @@ def install(point: str) -> None:
 
         writer_mod.remove_tree = remove_tree  # type: ignore[assignment]
     elif point in ("delete_after_mark", "delete_after_files"):
-        import ckptdb.recovery as recovery_mod
-
-        orig_trash = recovery_mod.to_trash
+        orig_trash = writer.to_trash
         orig_mark = store.Catalog.mark_deleted
 
         def to_trash(path: Path, step_nr: int, *, fsync: bool = True) -> Path:
@@ -93,7 +91,7 @@ def install(point: str) -> None:
                 stall(point)
             return orig_mark(self, *a, **kw)
 
-        recovery_mod.to_trash = to_trash  # type: ignore[assignment]
+        writer.to_trash = to_trash  # type: ignore[assignment]
         store.Catalog.mark_deleted = mark_deleted  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown point {point}")
