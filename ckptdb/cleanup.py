@@ -33,6 +33,7 @@ from ckptdb.catalog import Catalog, RunInfo
 from ckptdb.errors import CheckpointDirUnavailableError, CheckpointError
 from ckptdb.recovery import RecoveryReport, finish_delete, recover_run
 from ckptdb.retention import Plan, Policy, deletion_reason
+from ckptdb.storage.store import Store
 from ckptdb.verify import require_directory
 
 log = logging.getLogger("ckptdb.cleanup")
@@ -67,7 +68,7 @@ class PruneReport:
 def apply_policy(
     catalog: Catalog,
     run: RunInfo,
-    checkpoint_dir: Path,
+    checkpoint_dir: Path | Store,
     policy: Policy,
     who: tuple[str, int],
     *,
@@ -79,6 +80,7 @@ def apply_policy(
     """Delete what ``policy`` does not keep; returns the steps whose files were removed (ascending),
     model-only leftovers whose model files went included.
 
+    ``checkpoint_dir``: the run's store, or its local checkpoint directory.
     Checkpoints whose files could not be removed stay ``deleting`` (``gc`` finishes them) and
     are reported in ``failed`` when given.
     """

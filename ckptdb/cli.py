@@ -22,6 +22,7 @@ from ckptdb.catalog import Catalog, migrate
 from ckptdb.catalog.session import masked, scrub, sqlite_url
 from ckptdb.errors import CheckpointDirUnavailableError, CheckpointError, InvalidArgumentError
 from ckptdb.storage import layout
+from ckptdb.storage.location import LocalLocation, ObjectLocation, parse_location, require_shared_catalog
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -30,7 +31,11 @@ def _url(args: argparse.Namespace) -> str:
     if getattr(args, "url", None):
         return str(args.url)
     if getattr(args, "dir", None):
-        return sqlite_url(Path(args.dir).expanduser().resolve() / layout.CATALOG_FILE)
+        loc = parse_location(args.dir, what="--dir")
+        if isinstance(loc, ObjectLocation):  # no catalog of its own: the shared one, or a clear error
+            require_shared_catalog(loc, os.environ.get("CKPTDB_URL"))
+            return os.environ["CKPTDB_URL"]
+        return sqlite_url(loc.path / layout.CATALOG_FILE)
     env = os.environ.get("CKPTDB_URL")
     if env:
         return env
@@ -394,11 +399,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     """
     from ckptdb.importer import import_directory
 
-    directory = Path(args.directory).expanduser().resolve()
+    directory = parse_location(args.directory, what="directory")
     if args.url or args.dir or os.environ.get("CKPTDB_URL"):
         url = _url(args)
     else:
-        url = sqlite_url(directory / layout.CATALOG_FILE)
+        require_shared_catalog(directory, None)
+        assert isinstance(directory, LocalLocation)
+        url = sqlite_url(directory.path / layout.CATALOG_FILE)
     rep = import_directory(url, directory, run=args.run, dry_run=args.dry_run, hash_algorithm=args.hash)
     if args.json:
         _print_json(rep.as_dict())
@@ -470,7 +477,9 @@ def _add_analysis_commands(sub: Any) -> None:
 
     p = add("import", cmd_import)
     _catalog_args(p)
-    p.add_argument("directory", help="a fairseq2 checkpoint directory (model.yaml, step_<N>/ ...)")
+    p.add_argument(
+        "directory", help="a fairseq2 checkpoint directory (model.yaml, step_<N>/ ...): a path or s3://bucket/prefix"
+    )
     p.add_argument("--run", help="run name (default: the directory's absolute path)")
     p.add_argument("--dry-run", action="store_true", help="show what would be adopted; change nothing")
     p.add_argument("--hash", default="xxh3_128", help="hash algorithm: xxh3_128 (default), sha256, blake3")
@@ -520,7 +529,7 @@ def _run_name(args: argparse.Namespace) -> str:
     if getattr(args, "dir", None):
         from ckptdb.manager import default_run_name
 
-        return default_run_name(Path(args.dir).expanduser().resolve())
+        return default_run_name(parse_location(args.dir, what="--dir").url)
     raise CheckpointError("name the run: ckptdb COMMAND RUN (see `ckptdb ls` for the runs)")
 
 
@@ -711,7 +720,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def _catalog_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--url", help="catalog SQLAlchemy URL (default: $CKPTDB_URL)")
-    g.add_argument("--dir", help="a checkpoint directory: use its own SQLite catalog")
+    g.add_argument(
+        "--dir", help="a checkpoint directory: use its own SQLite catalog (s3://bucket/prefix: the run in $CKPTDB_URL)"
+    )
 
 
 class _Parser(argparse.ArgumentParser):

@@ -115,3 +115,24 @@ class RemoteRankError(CheckpointError):
     Raised on every rank in its place, carrying its type name and message, so that every rank
     still raises the same type with the same message.
     """
+
+
+class ObjectStoreError(CheckpointError, OSError):
+    """An object store (S3 API) refused or failed a request after its retries.
+
+    The message says what to do (wrong credentials, missing bucket, unreachable endpoint);
+    ``bucket``, ``key`` and the server's error ``code`` are attributes.
+    """
+
+    def __init__(self, message: str, *, bucket: str = "", key: str | None = None, code: str = "") -> None:
+        super().__init__(message)
+        self.bucket = bucket
+        self.key = key
+        self.code = code
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ObjectExistsError(ObjectStoreError, FileExistsError):
+    """A conditional write (``If-None-Match: *``) found an object at the key: nothing was replaced."""

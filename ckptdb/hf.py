@@ -37,11 +37,13 @@ import torch
 
 from ckptdb import retention as policies
 from ckptdb.catalog import CheckpointInfo, ShardInfo
+from ckptdb.commit import jsonable as _jsonable
 from ckptdb.errors import CheckpointError, InvalidArgumentError
 from ckptdb.integrations import common
-from ckptdb.manager import FileCheckpointManager, _jsonable
+from ckptdb.manager import FileCheckpointManager
 from ckptdb.recovery import hold_token, release_token
 from ckptdb.storage.hashing import DEFAULT_ALGORITHM, hash_file, new_hasher
+from ckptdb.storage.location import local_path
 from ckptdb.storage.writer import fsync_dir, remove_tree
 
 try:
@@ -214,7 +216,7 @@ class CatalogCallback(TrainerCallback):  # type: ignore[misc]
 
     def _open(self, args: Any) -> FileCheckpointManager:
         if self.manager is None:
-            d = Path(args.output_dir).expanduser().resolve()
+            d = local_path(args.output_dir, what="output_dir", by="CatalogCallback")
             self._output_dir = d
             self.manager = FileCheckpointManager(d, catalog=common.resolve_url(d, self.catalog_url), run=self.run_name)
             self.sweep()
@@ -391,7 +393,7 @@ def last_checkpoint(
     """
     if verify not in ("size", "digest"):
         raise InvalidArgumentError(f"verify must be 'size' or 'digest', not {verify!r}")
-    d = Path(output_dir).expanduser().resolve()
+    d = local_path(output_dir, what="output_dir", by="last_checkpoint")
     cat = common.open_existing(common.resolve_url(d, catalog))
     if cat is None:
         return None

@@ -47,6 +47,8 @@ from ckptdb.errors import (
 )
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import DEFAULT_ALGORITHM, hash_file, new_hasher
+from ckptdb.storage.location import LocalLocation, Location, ObjectLocation, parse_location, require_shared_catalog
+from ckptdb.storage.store import open_store
 
 _RANK_RE = re.compile(r"^(?:rank_(\d+)(?:\.\d+)?\.pt|trainer/rank_(\d+)\.pt)$")
 
@@ -169,7 +171,7 @@ def scan(checkpoint_dir: Path) -> tuple[list[FoundStep], dict[str, str], list[st
 
 def _read_metadata(step_dir: Path, found: FoundStep, warnings: list[str]) -> dict[str, Any] | None:
     """fairseq2's ``metadata.pt`` as JSON for the catalog (weights-only load; anything else is skipped)."""
-    from ckptdb.manager import _jsonable
+    from ckptdb.commit import jsonable
     from ckptdb.storage.reader import load_torch
 
     if not any(p == layout.METADATA_FILE for p, _ in found.files):
@@ -179,7 +181,7 @@ def _read_metadata(step_dir: Path, found: FoundStep, warnings: list[str]) -> dic
     except CheckpointError as e:
         warnings.append(f"{step_dir / layout.METADATA_FILE}: not recorded in the catalog ({e})")
         return None
-    return _jsonable(data) if isinstance(data, dict) else None
+    return jsonable(data) if isinstance(data, dict) else None
 
 
 def _world_size(files: list[tuple[str, int]]) -> int:
@@ -189,7 +191,7 @@ def _world_size(files: list[tuple[str, int]]) -> int:
 
 def import_directory(
     url: str,
-    checkpoint_dir: Path | str,
+    checkpoint_dir: Path | str | Location,
     *,
     run: str | None = None,
     dry_run: bool = False,
@@ -206,7 +208,12 @@ def import_directory(
     """
     from ckptdb.manager import default_run_name
 
-    d = Path(checkpoint_dir).expanduser().resolve()
+    loc = parse_location(checkpoint_dir)
+    if isinstance(loc, ObjectLocation):
+        require_shared_catalog(loc, url)
+        open_store(loc)  # the object store's importer is not wired in yet: raises
+    assert isinstance(loc, LocalLocation)
+    d = loc.path
     if not d.is_dir():
         raise InvalidArgumentError(f"{str(d)!r} is not a directory")
     new_hasher(hash_algorithm)

@@ -20,7 +20,7 @@ from typing import Any
 from ckptdb import _proc, validation
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, ShardInfo
 from ckptdb.catalog.models import State
-from ckptdb.catalog.session import masked, sqlite_url
+from ckptdb.catalog.session import is_sql_url, masked, sqlite_url
 from ckptdb.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -29,7 +29,9 @@ from ckptdb.errors import (
     UnsupportedCheckpointError,
 )
 from ckptdb.storage import layout
+from ckptdb.storage.location import LocalLocation, ObjectLocation, parse_location, require_shared_catalog, url_scheme
 from ckptdb.storage.reader import check_file, load_torch
+from ckptdb.storage.store import open_store
 from ckptdb.storage.writer import FileRecord
 
 log = logging.getLogger("ckptdb.loader")
@@ -59,7 +61,7 @@ def _open(source: str | Path, run: str | None) -> tuple[Catalog, RunInfo]:
     from ckptdb.manager import default_run_name
 
     text = str(source)
-    if "://" in text:
+    if "://" in text and url_scheme(text) not in ("file", "s3") and is_sql_url(text):  # a catalog URL
         catalog = Catalog(text, create=False)
         if run is None:
             only = catalog.only_run()
@@ -67,7 +69,12 @@ def _open(source: str | Path, run: str | None) -> tuple[Catalog, RunInfo]:
                 raise InvalidArgumentError(f"catalog {masked(text)} holds several runs (or none): pass run=")
             return catalog, only
         return catalog, catalog.get_run(run)
-    d = Path(text).expanduser().resolve()
+    loc = parse_location(text, what="source")
+    if isinstance(loc, ObjectLocation):
+        require_shared_catalog(loc, os.environ.get("CKPTDB_URL"))
+        open_store(loc)  # loading from object storage is not wired in yet: raises
+    assert isinstance(loc, LocalLocation)
+    d = loc.path
     if not d.is_dir():
         raise CheckpointNotFoundError(f"{str(d)!r} is not a checkpoint directory")
     url = os.environ.get("CKPTDB_URL") or sqlite_url(d / layout.CATALOG_FILE)

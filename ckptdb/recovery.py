@@ -23,7 +23,8 @@ from ckptdb.catalog.models import State
 from ckptdb.errors import CheckpointCorruptError, ConcurrentModificationError
 from ckptdb.storage import layout
 from ckptdb.storage.reader import check_files as check_file_records
-from ckptdb.storage.writer import FileRecord, fsync_dir, remove_trash, remove_tree, to_trash
+from ckptdb.storage.store import LocalStore, Store
+from ckptdb.storage.writer import FileRecord, fsync_dir, remove_tree, to_trash
 
 log = logging.getLogger("ckptdb.recovery")
 
@@ -515,67 +516,59 @@ def _reconcile_locked(
 
 
 def finish_delete(
-    catalog: Catalog, c: CheckpointInfo, checkpoint_dir: Path, who: tuple[str, int], *, fsync: bool = True
+    catalog: Catalog, c: CheckpointInfo, where: Store | Path, who: tuple[str, int], *, fsync: bool = True
 ) -> list[str]:
     """Phase 2 and 3 of a deletion: remove the files, then mark the row deleted.
 
     Under the run's lock, the row is re-read (it must still be ``deleting``) and the directory's
-    owner token checked just before the directory is renamed to trash (or, with
-    ``model_preserved``, its non-model files unlinked) and the row marked deleted; the trash is
-    removed after the lock is released.
+    owner token checked just before the directory is set aside (local: renamed to trash; or, with
+    ``model_preserved``, its non-model files unlinked) and the row marked deleted; what was set
+    aside is removed after the lock is released. ``where``: the run's store (a local checkpoint
+    directory is wrapped in a :class:`~ckptdb.storage.store.LocalStore`).
 
     Raises:
         CheckpointCorruptError: the row's directory is not its step's ``step_<N>`` (a tampered
             catalog): nothing is removed, the row stays as it is.
     """
-    step_dir = layout.step_path(checkpoint_dir, c.step_nr, c.directory)
+    store = where if isinstance(where, Store) else LocalStore(where, fsync=fsync)
+    directory = store.check_directory(c.step_nr, c.directory)
     kept: list[str] = []
-    trash: Path | None = None
+    handle: str | None = None
     with catalog.run_lock(c.run_id):
         now = catalog.by_tokens([c.token]).get(c.token)
         _hooks.hook("finish_delete.locked")
         if now is None or now.state != State.DELETING.value:
             return []  # finished by another process, or superseded by a commit: not ours any more
-        target: Path | None = None
-        if step_dir.is_dir():
-            owner = read_owner(step_dir)
-            if owner == c.token or (owner is None and set_aside_copy(checkpoint_dir, c) is None):
-                target = step_dir
-        aside = set_aside_copy(checkpoint_dir, c) if target is None else None
-        if aside is not None and read_owner(aside) == c.token:
+        target: str | None = None
+        if store.isdir(directory):
+            owner = store.owner(directory)
+            if owner == c.token or (owner is None and _set_aside_in(store, c) is None):
+                target = directory
+        aside = _set_aside_in(store, c) if target is None else None
+        if aside is not None and store.owner(aside) == c.token:
             target = aside  # its copy was set aside by an overwrite that did not commit
         if target is not None:
-            if now.model_preserved and target == step_dir:
+            if now.model_preserved and target == directory:
                 kept = [s.path for s in catalog.shards(c.id) if layout.kept_with_model(s.path)]
-                _remove_files(now, step_dir, kept, fsync=fsync)
+                store.remove_files(directory, set(kept))
             else:
-                trash = to_trash(target, c.step_nr, fsync=fsync)
+                handle = store.set_aside(target, c.step_nr)
                 _hooks.hook("finish_delete.after_trash")
         try:
             catalog.mark_deleted(c.id, who, kept_paths=kept)
         except ConcurrentModificationError:
             pass  # another process finished it first
-    if trash is not None:
+    if handle is not None:
         _hooks.hook("finish_delete.before_rmtree")
-        remove_trash(trash)
+        store.remove(handle)
     return kept
 
 
-def _remove_files(c: CheckpointInfo, step_dir: Path | None, kept: list[str], *, fsync: bool) -> None:
-    if step_dir is not None and step_dir.exists():
-        if c.model_preserved:
-            for entry in sorted(step_dir.rglob("*"), reverse=True):
-                rel = entry.relative_to(step_dir).as_posix()
-                if rel in kept or rel == layout.TOKEN_FILE:
-                    continue
-                if entry.is_dir():
-                    try:
-                        entry.rmdir()
-                    except OSError:
-                        pass
-                else:
-                    entry.unlink(missing_ok=True)
-            if fsync:
-                fsync_dir(step_dir)
-        else:
-            remove_tree(step_dir, fsync=fsync)
+def _set_aside_in(store: Store, info: CheckpointInfo) -> str | None:
+    """:func:`set_aside_copy` in a store: the ``step_<N>.old-<T>`` holding ``info``'s copy (local stores
+    only: an object store never sets a copy aside)."""
+    root = store.local_root
+    if root is None:
+        return None
+    p = set_aside_copy(root, info)
+    return None if p is None else p.name

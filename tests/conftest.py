@@ -19,6 +19,8 @@ from sqlalchemy.engine import make_url
 from ckptdb.catalog import migrate
 from ckptdb.catalog.session import dispose_engines
 
+pytest_plugins = ["tests.s3_fixtures"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

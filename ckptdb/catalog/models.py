@@ -203,6 +203,8 @@ class Shard(Base):
     rank: Mapped[int] = mapped_column(Integer, default=0)
     kind: Mapped[str] = mapped_column(String(32), default="state")
     removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # the object store's full-object checksum ("crc32c:<base64>"); NULL on a filesystem
+    remote_checksum: Mapped[str | None] = mapped_column(String(80), nullable=True)
 
     checkpoint: Mapped[Checkpoint] = relationship(back_populates="shards")
 

@@ -90,6 +90,15 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def is_sql_url(text: str) -> bool:
+    """Whether ``text`` is a URL SQLAlchemy has a dialect for (a catalog), not a storage URL (``s3://``)."""
+    try:
+        make_url(text).get_dialect()
+    except Exception:  # noqa: BLE001 - unparseable, or no such dialect
+        return False
+    return True
+
+
 def parse_url(url: str) -> URL:
     try:
         return make_url(url)

@@ -379,6 +379,7 @@ class Catalog:
                             "digest": f.digest,
                             "rank": f.rank,
                             "kind": f.kind,
+                            "remote_checksum": f.remote_checksum,
                         }
                         for f in files
                     ],
@@ -551,7 +552,16 @@ class Catalog:
             q = q.where(Shard.removed_at.is_(None))
         with self.db.transaction(readonly=True) as s:
             return [
-                ShardInfo(x.path, x.size_bytes, x.hash_algorithm, x.digest, x.rank, x.kind, x.removed_at is not None)
+                ShardInfo(
+                    x.path,
+                    x.size_bytes,
+                    x.hash_algorithm,
+                    x.digest,
+                    x.rank,
+                    x.kind,
+                    x.removed_at is not None,
+                    x.remote_checksum,
+                )
                 for x in s.execute(q).scalars()
             ]
 
@@ -889,6 +899,7 @@ class Catalog:
                         digest=f.digest,
                         rank=f.rank,
                         kind=f.kind,
+                        remote_checksum=f.remote_checksum,
                     )
                 )
             for metric, value in scores.items():

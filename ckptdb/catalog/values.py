@@ -25,6 +25,7 @@ class ShardInfo:
     rank: int = 0
     kind: str = "state"
     removed: bool = False
+    remote_checksum: str | None = None  # the object store's full-object checksum ("crc32c:<base64>")
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from ckptdb.integrations import common
 from ckptdb.manager import FileCheckpointManager
 from ckptdb.options import LoadOptions, RecoveryOptions, SaveOptions
 from ckptdb.storage import layout
+from ckptdb.storage.location import local_path
 
 log = logging.getLogger("ckptdb.lightning")
 
@@ -197,7 +198,7 @@ def build(package: str) -> SimpleNamespace:
                 return Path(self._ModelCheckpoint__resolve_ckpt_dir(trainer)).expanduser().resolve()
             if self.dirpath is None:
                 raise InvalidArgumentError("CatalogCheckpoint: dirpath is not known before setup()")
-            return Path(self.dirpath).expanduser().resolve()
+            return local_path(self.dirpath, what="dirpath", by="CatalogCheckpoint")
 
         def _url(self, d: Path) -> str:
             return common.resolve_url(d, self._catalog_url)

@@ -40,6 +40,8 @@ class FileRecord:
     digest: str
     rank: int = 0
     kind: str = "state"
+    # the object store's own checksum of the file ("crc32c:<base64>", full-object), None on a filesystem
+    checksum: str | None = None
 
 
 def fsync_dir(path: Path) -> None:

@@ -72,7 +72,8 @@ def _save(m: Any, step: int, *, overwrite: bool = False, value: int | None = Non
 
 def _stage(name: str, root: Path) -> None:
     """A process that crashes (``os._exit``) at one point of a protocol."""
-    import ckptdb.manager as manager_mod
+    import ckptdb.delete as delete_mod
+    import ckptdb.storage.writer as writer_mod
     from ckptdb.options import RecoveryOptions
 
     no_recovery = RecoveryOptions(on_open=False)  # each stage leaves its debris for the next
@@ -82,17 +83,17 @@ def _stage(name: str, root: Path) -> None:
         m.save_state(make_state(5))
         os._exit(9)
     if name == "overwrite_published":  # published step 2's new copy, .old- holds the committed one
-        orig = manager_mod.publish
+        orig = writer_mod.publish
 
         def publish_then_die(*a: Any, **k: Any) -> bool:
             orig(*a, **k)
             os._exit(9)
 
-        manager_mod.publish = publish_then_die  # type: ignore[assignment]
+        writer_mod.publish = publish_then_die  # type: ignore[assignment]
         m = _manager(root, recovery_options=no_recovery)
         _save(m, 2, overwrite=True, value=202)
     if name == "delete_claimed":  # step 1 marked 'deleting', nothing removed
-        manager_mod.finish_delete = lambda *a, **k: os._exit(9)  # type: ignore[assignment]
+        delete_mod.finish_delete = lambda *a, **k: os._exit(9)  # type: ignore[assignment]
         m = _manager(root, recovery_options=no_recovery)
         m.delete_checkpoint(1)
     raise SystemExit(f"unknown stage {name}")

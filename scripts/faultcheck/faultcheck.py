@@ -221,7 +221,7 @@ def setup_debris(d: Path) -> None:
     from ckptdb import RecoveryOptions
 
     def dead_delete() -> None:
-        import ckptdb.manager as mm
+        import ckptdb.delete as mm
 
         def die(*a: Any, **k: Any) -> None:
             os._exit(7)

@@ -36,7 +36,7 @@ def wal_sync_fails_at_commit_then_crash(d: Path) -> None:
     """Save step 3; the catalog commit's fdatasync of ``catalog.db-wal`` fails with EIO; the process
     dies (exit 9) right after, before the manager undoes the publish. The failed transaction's frames
     must not come back as committed when the catalog is next opened."""
-    import ckptdb.manager as manager_mod
+    import ckptdb.commit as commit_mod
     from ckptdb.catalog import store
 
     shim = faultcheck.Shim()
@@ -52,7 +52,7 @@ def wal_sync_fails_at_commit_then_crash(d: Path) -> None:
         os._exit(9)
 
     store.Catalog.commit = commit  # type: ignore[method-assign]
-    manager_mod.FileCheckpointManager._undo_publish = die  # type: ignore[method-assign]
+    commit_mod.Committer.undo_publish = die  # type: ignore[method-assign,assignment]
     m = faultcheck.manager(d / "ck")
     faultcheck.save(m, 3, 3)
     print("SAVED (the fault did not fail the commit)", flush=True)

@@ -4,8 +4,8 @@
 
 Pause points print ``AT <name>`` and wait for the parent to create the file ``SYNC/<name>``, so
 the parent can interleave two real processes at precise points of the protocol. Each pause wraps
-a public seam (the manager's ``publish``, ``Catalog.in_states`` / ``Catalog.live``, recovery's
-``read_owner``) the same way on the code before and after the fix.
+a public seam (``storage.writer.publish``, ``Catalog.in_states`` / ``Catalog.live``, the owner-token
+read ``storage.writer.read_token``) the same way on the code before and after the fix.
 
 Modes:
     recover          open a manager (recovery runs); pause after it read the pending rows (R0) and
@@ -31,8 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-import ckptdb.manager as manager_mod
-import ckptdb.recovery as recovery_mod
 from ckptdb import FileCheckpointManager
 from ckptdb.catalog import store
 from ckptdb.errors import CheckpointError
@@ -108,7 +106,7 @@ def overwrite(directory: Path, url: str) -> None:
         writer.fsync_dir(checkpoint_dir)
         return True
 
-    manager_mod.publish = publish  # type: ignore[assignment]
+    writer.publish = publish  # type: ignore[assignment]
     m = FileCheckpointManager(directory, catalog=url)
     m.begin_checkpoint(1, overwrite=True)
     m.save_state(make_state(101))
@@ -127,7 +125,7 @@ def overwrite_wait(directory: Path, url: str) -> None:
 
 def delete(directory: Path, url: str) -> None:
     m = FileCheckpointManager(directory, catalog=url)
-    orig = recovery_mod.read_owner
+    orig = writer.read_token
     d1 = once("D1")
 
     def read_owner(d: Path) -> str | None:
@@ -136,7 +134,7 @@ def delete(directory: Path, url: str) -> None:
             pause("D1")
         return out
 
-    recovery_mod.read_owner = read_owner
+    writer.read_token = read_owner
     m.delete_checkpoint(1)
     print("deleted 1", flush=True)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import ckptdb.recovery as recovery_mod
+import ckptdb.storage.writer as writer_mod
 from ckptdb import FileCheckpointManager
 from ckptdb.catalog import store
 from tests.helpers import make_state
@@ -35,14 +35,14 @@ def stall(where: str) -> None:
 
 def install(point: str) -> None:
     if point == "after_claim":
-        orig_to_trash = recovery_mod.to_trash
+        orig_to_trash = writer_mod.to_trash
 
         def to_trash(path: Path, step_nr: int, *, fsync: bool = True) -> Path:
             if armed:
                 stall(point)
             return orig_to_trash(path, step_nr, fsync=fsync)
 
-        recovery_mod.to_trash = to_trash  # type: ignore[assignment]
+        writer_mod.to_trash = to_trash  # type: ignore[assignment]
     elif point == "after_rename":
         orig_rmtree = shutil.rmtree
 

@@ -55,9 +55,9 @@ def install(point: str) -> None:
                 stall(point)
             return orig_publish(checkpoint_dir, step_nr, token, fsync=fsync)
 
-        import ckptdb.manager as manager_mod
+        import ckptdb.storage.writer as writer_mod
 
-        manager_mod.publish = publish  # type: ignore[assignment]
+        writer_mod.publish = publish  # type: ignore[assignment]
     elif point == "commit_after_rename":
         orig_commit = store.Catalog.commit
 
@@ -68,20 +68,18 @@ def install(point: str) -> None:
 
         store.Catalog.commit = commit  # type: ignore[method-assign]
     elif point == "overwrite_after_commit":
-        import ckptdb.manager as manager_mod
+        import ckptdb.storage.writer as writer_mod
 
-        orig_remove = manager_mod.remove_tree
+        orig_remove = writer_mod.remove_tree
 
         def remove_tree(path: Path, *, fsync: bool = True) -> None:
             if armed and ".old-" in path.name:
                 stall(point)
             orig_remove(path, fsync=fsync)
 
-        manager_mod.remove_tree = remove_tree  # type: ignore[assignment]
+        writer_mod.remove_tree = remove_tree  # type: ignore[assignment]
     elif point in ("delete_after_mark", "delete_after_files"):
-        import ckptdb.recovery as recovery_mod
-
-        orig_trash = recovery_mod.to_trash
+        orig_trash = writer.to_trash
         orig_mark = store.Catalog.mark_deleted
 
         def to_trash(path: Path, step_nr: int, *, fsync: bool = True) -> Path:
@@ -94,7 +92,7 @@ def install(point: str) -> None:
                 stall(point)
             return orig_mark(self, *a, **kw)
 
-        recovery_mod.to_trash = to_trash  # type: ignore[assignment]
+        writer.to_trash = to_trash  # type: ignore[assignment]
         store.Catalog.mark_deleted = mark_deleted  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown point {point}")

@@ -118,11 +118,11 @@ def test_missing_step_with_a_foreign_directory_in_its_place_is_not_replaced(tmp_
 _KILLED_RESAVE = """
 import sys, time
 sys.path.insert(0, sys.argv[3])  # the repository root
-import ckptdb.manager as manager_mod
+import ckptdb.storage.writer as writer_mod
 from ckptdb import FileCheckpointManager
 from tests.helpers import make_state
 
-orig = manager_mod.publish
+orig = writer_mod.publish
 
 def publish(checkpoint_dir, step_nr, token, *, fsync=True):
     final = checkpoint_dir / f"step_{step_nr}"
@@ -131,7 +131,7 @@ def publish(checkpoint_dir, step_nr, token, *, fsync=True):
     time.sleep(120)
     raise SystemExit("not killed")
 
-manager_mod.publish = publish
+writer_mod.publish = publish
 m = FileCheckpointManager(sys.argv[1], catalog=sys.argv[2], run="exp")
 m.begin_checkpoint(1)
 m.save_state(make_state(10))

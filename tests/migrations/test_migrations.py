@@ -114,6 +114,7 @@ TABLES = ["runs", "checkpoints", "shards", "scores", "pins", "checkpoint_events"
 
 _LATER_COLUMNS = {"stage_seconds", "write_seconds", "sync_seconds", "commit_seconds"}  # 0003
 _LATER_COLUMNS |= {"writer_boot_id", "writer_pid_ns"}  # 0004
+_LATER_COLUMNS |= {"remote_checksum"}  # 0007
 
 
 def _snapshot(url: str) -> dict[str, list[tuple[object, ...]]]:

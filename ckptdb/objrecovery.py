@@ -1,0 +1,130 @@
+"""Recovery and deletion for a run on an object store (``s3://``), where nothing is ever renamed.
+
+The filesystem protocols (:mod:`ckptdb.recovery`) reconcile renamed directories; on an object store
+every attempt stays under its own prefix ``step_<N>.<token>/`` and the catalog alone says what it
+is, so recovery is three catalog-driven passes:
+
+1. a ``pending`` row whose writer is gone is aborted (conditional update), then its prefix removed
+   (incomplete multipart uploads aborted, every object deleted);
+2. a ``deleting`` row is finished (:func:`finish_delete`);
+3. a listed prefix ``step_<N>.<token>/`` whose token belongs to a row of this run that is no longer
+   live (``aborted``, ``superseded``, ``deleted`` without a preserved model) is removed: the
+   debris of a process that died after its catalog change and before its removal. A prefix whose
+   token the catalog does not know, and an imported ``step_<N>/``, are only reported (``foreign``):
+   never guessed.
+
+Crash windows: every step is redone by the next recovery. The catalog change comes first, the
+removal after (so a crash leaves debris that pass 3 finds, never a committed row without objects).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from ckptdb import _hooks
+from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo
+from ckptdb.catalog.models import State
+from ckptdb.errors import CheckpointCorruptError
+from ckptdb.recovery import RecoveryReport, writer_alive
+from ckptdb.storage.store import Store
+from ckptdb.storage.writer import FileRecord
+
+log = logging.getLogger("ckptdb")
+
+_GONE = {State.ABORTED.value, State.SUPERSEDED.value, State.DELETED.value}
+
+
+def recover_object_run(
+    catalog: Catalog,
+    run: RunInfo,
+    store: Store,
+    who: tuple[str, int],
+    *,
+    stale_after: timedelta = timedelta(hours=2),
+    dry_run: bool = False,
+) -> RecoveryReport:
+    """Reconcile one object-store run with its catalog rows (see the module docstring)."""
+    rep = RecoveryReport()
+    now = catalog.now
+    for c in catalog.in_states(run.id, [State.PENDING]):
+        if writer_alive(c, stale_after, now):
+            rep.live_writers.append(c.step_nr)
+            continue
+        _hooks.hook("recovery.before_abort")
+        if dry_run or catalog.abort(c.id, f"writer {c.writer_host}:{c.writer_pid} died before commit", who):
+            rep.rolled_back.append(c.step_nr)
+            if not dry_run and store.owner(c.directory) == c.token:
+                store.remove_tree(c.directory)
+    for c in catalog.in_states(run.id, [State.DELETING]):
+        if not dry_run:
+            try:
+                finish_delete(catalog, c, store, who)
+            except CheckpointCorruptError as e:
+                rep.unsafe_paths.append(str(e))
+                continue
+        rep.deletions_finished.append(c.step_nr)
+    rows = catalog.tokens(run.id)
+    for name in sorted(store.list_entries()):
+        token = store.owner(name)
+        row = rows.get(token) if token is not None else None
+        if row is None:
+            if not any(r.directory == name for r in rows.values()):
+                rep.foreign.append(name)  # unknown token or an unimported step_<N>/: never guessed
+            continue
+        if row.state in _GONE and not (row.state == State.DELETED.value and row.model_preserved):
+            if not dry_run:
+                store.remove_tree(name)
+            rep.removed.append(name)
+    if rep.changed and not dry_run:
+        log.warning("ckptdb recovered run %r: %s", run.name, rep)
+    return rep
+
+
+def finish_delete(catalog: Catalog, c: CheckpointInfo, store: Store, who: tuple[str, int]) -> list[str]:
+    """Phases 2 and 3 of a deletion: :func:`ckptdb.recovery.finish_delete`, which works on any Store (on an
+    object store the "set aside" is a no-op: the row is marked deleted under the lock and the prefix removed
+    after it; a crash in between leaves a prefix whose token names a deleted row, which pass 3 removes)."""
+    from ckptdb.recovery import finish_delete as _finish_delete
+
+    return _finish_delete(catalog, c, store, who)
+
+
+def apply_policy(
+    catalog: Catalog, run: RunInfo, store: Store, policy: Any, who: tuple[str, int], *, preserve_model: bool
+) -> list[int]:
+    """Retention on an object store: size-check what the policy keeps (HEAD per object; a damaged one is
+    marked and does not count as kept), claim in one transaction, then delete each claimed checkpoint."""
+    from ckptdb import retention
+
+    while _mark_damaged_by_size(catalog, run, store, retention.plan(catalog, run.id, policy).keep, who):
+        pass
+    from ckptdb import cleanup
+
+    return cleanup.apply_policy(catalog, run, store, policy, who, preserve_model=preserve_model)
+
+
+def _mark_damaged_by_size(
+    catalog: Catalog, run: RunInfo, store: Store, steps: Iterable[int], who: tuple[str, int]
+) -> list[int]:
+    marked: list[int] = []
+    for step in steps:
+        info = catalog.live(run.id, step)
+        if info is None or info.state != State.COMMITTED.value:
+            continue
+        recs = [
+            FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest, s.rank, s.kind, s.remote_checksum)
+            for s in catalog.shards(info.id)
+        ]
+        try:
+            store.check_files(info.directory, recs, step, digest=False)
+        except CheckpointCorruptError as e:
+            state = State.MISSING if e.missing else State.CORRUPT
+            if catalog.mark_damaged(info.id, state, f"retention size check: {e}"[:2000], who):
+                marked.append(step)
+    return marked
+
+
+__all__ = ["apply_policy", "finish_delete", "recover_object_run"]

@@ -1,0 +1,289 @@
+"""One conformance suite for every Store (as zarr v3 does for its stores): the same tests, parametrised.
+
+Stores: LocalStore on a temporary directory, ObjectStore on moto, ObjectStore on SeaweedFS (both S3
+servers real, on loopback). Each test drives the Store interface only; the small ``Harness`` does
+what only a test may do behind the store's back (plant an imported step, corrupt a file, leave a
+dead writer's debris).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptdb.errors import CheckpointCorruptError, CheckpointError, InvalidOperationError, ObjectStoreError
+from ckptdb.storage.location import ObjectLocation
+from ckptdb.storage.objectstore import ObjectStore
+from ckptdb.storage.s3client import MIN_PART_SIZE, S3Client
+from ckptdb.storage.store import LocalStore, Store, open_store
+from ckptdb.storage.writer import StepWriter, TorchFile
+from tests.s3_fixtures import Bucket
+
+HASH = "xxh3_128"
+PART = MIN_PART_SIZE
+
+
+def tok() -> str:
+    return os.urandom(8).hex()
+
+
+class Harness:
+    kind: str
+    store: Store
+
+    def plant(self, directory: str, relpath: str, data: bytes) -> None:
+        """Put a file where ckptdb did not write it (an imported fairseq2 step, a corruption)."""
+        raise NotImplementedError
+
+    def dead_writer(self, step_nr: int, token: str) -> None:
+        """Leave what a writer killed mid-save leaves."""
+        raise NotImplementedError
+
+    def pending_uploads(self) -> int:
+        return 0
+
+    def broken(self) -> Store:
+        """A store whose root cannot be used."""
+        raise NotImplementedError
+
+
+class LocalHarness(Harness):
+    kind = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.store = LocalStore(root / "ckpt", fsync=False)
+        self.store.ensure_root()
+
+    def plant(self, directory: str, relpath: str, data: bytes) -> None:
+        p = self.store.root / directory / relpath
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+    def dead_writer(self, step_nr: int, token: str) -> None:
+        w = StepWriter(self.store.root, step_nr, token, hash_algorithm=HASH, fsync=False)
+        w.open()
+        (w.tmp_dir / "model.pt").write_bytes(os.urandom(1000))  # torn: never finished
+
+    def broken(self) -> Store:
+        (self.root / "file").write_text("not a directory")
+        return LocalStore(self.root / "file" / "ckpt", fsync=False)
+
+
+class ObjectHarness(Harness):
+    def __init__(self, bucket: Bucket) -> None:
+        self.kind = bucket.server.kind
+        self.bucket = bucket
+        self.opts = bucket.storage_options(part_size=PART, concurrency=4)
+        self.store = open_store(f"s3://{bucket.name}/runs/exp1", storage_options=self.opts, object_store=True)
+        assert isinstance(self.store, ObjectStore)
+        self.client: S3Client = self.store.client
+        self.store.ensure_root()
+
+    def plant(self, directory: str, relpath: str, data: bytes) -> None:
+        self.bucket.server.boto3_client().put_object(
+            Bucket=self.bucket.name, Key=f"runs/exp1/{directory}/{relpath}", Body=data
+        )
+
+    def dead_writer(self, step_nr: int, token: str) -> None:
+        assert isinstance(self.store, ObjectStore)
+        d = self.store.attempt_dir(step_nr, token)
+        self.client.put_bytes(self.bucket.name, self.store.key(d, "score.txt"), b"1.0")
+        w = self.client.open_writer(self.bucket.name, self.store.key(d, "model.pt"))
+        w.write(os.urandom(PART + 1))  # one part uploaded; the process "dies": never completed
+        w._join()
+
+    def pending_uploads(self) -> int:
+        return len(self.client.list_uploads(self.bucket.name, "runs/"))
+
+    def broken(self) -> Store:
+        return ObjectStore(ObjectLocation(self.bucket.name + "-missing", "runs/exp1"), storage_options=self.opts)
+
+
+@pytest.fixture(params=["local", "moto", "seaweedfs"])
+def h(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    if request.param == "local":
+        yield LocalHarness(tmp_path)
+        return
+    srv = request.getfixturevalue(f"{request.param}_server")
+    yield ObjectHarness(Bucket(srv, srv.new_bucket()))
+
+
+def state(n: int = 2 * PART // 4 + 1000, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(n, generator=g), "b": torch.arange(10)}
+
+
+def write_attempt(store: Store, step_nr: int, token: str, *, seed: int = 0) -> dict[str, object]:
+    w = store.open_writer(step_nr, token, hash_algorithm=HASH)
+    w.open(create=True)
+    w.write_torch_many(
+        [TorchFile("model.pt", {"model": state(seed=seed)}), TorchFile("rank_0.pt", {"step": step_nr}, kind="trainer")]
+    )
+    w.write_bytes("score.txt", b"0.25")
+    w.finalize()
+    return {"writer": w, "records": dict(w.records)}
+
+
+def test_write_finalize_publish_read_back(h: Harness) -> None:
+    s, t = h.store, tok()
+    out = write_attempt(s, 3, t)
+    recs = out["records"]
+    assert isinstance(recs, dict) and set(recs) == {"model.pt", "rank_0.pt", "score.txt"}
+    assert recs["model.pt"].size_bytes > 2 * PART  # a multipart upload on an object store
+    s.publish(3, t, previous=None)
+    d = s.committed_dir(3, t)
+    assert s.check_directory(3, d) == d
+    assert s.exists(d) and d in s.list_entries()
+    assert s.list_files(d) == {r.path: r.size_bytes for r in recs.values()}
+    for r in recs.values():
+        assert s.file_size(d, r.path) == r.size_bytes
+        assert s.hash_file(d, r.path, HASH) == (r.size_bytes, r.digest)
+        assert (r.checksum is not None) == (not s.is_local)
+    s.check_files(d, list(recs.values()), 3, digest=True)
+    loaded = s.load_torch(d, "model.pt", 3)
+    assert torch.equal(loaded["model"]["w"], state()["w"])
+    assert s.load_torch(d, "rank_0.pt", 3) == {"step": 3}
+    assert s.read_bytes(d, "score.txt") == b"0.25"
+    with s.open_read(d, "score.txt") as f:
+        f.seek(2)
+        assert f.read() == b"25"
+    assert s.owner(d) == t
+    with pytest.raises(CheckpointCorruptError):
+        s.check_directory(3, "step_4" if not s.is_local else "../x")
+    with pytest.raises(CheckpointCorruptError):
+        s.check_directory(3, "step_3/../step_4")
+
+
+def test_a_relpath_is_written_once(h: Harness) -> None:
+    w = h.store.open_writer(1, tok(), hash_algorithm=HASH)
+    w.open(create=True)
+    w.write_bytes("score.txt", b"1")
+    with pytest.raises(InvalidOperationError, match="already written"):
+        w.write_bytes("score.txt", b"2")
+
+
+def test_conditional_writes_refuse_an_existing_file(h: Harness) -> None:
+    """Two writers that got the same token never mix or replace each other's files."""
+    t = tok()
+    first = write_attempt(h.store, 2, t)
+    second = h.store.open_writer(2, t, hash_algorithm=HASH)
+    with pytest.raises(FileExistsError):
+        second.open(create=True)  # local: the directory exists
+        second.write_bytes("score.txt", b"9.99")  # object store: If-None-Match: * refused
+    d = h.store.attempt_dir(2, t)
+    h.store.check_files(d, list(first["records"].values()), 2, digest=True)  # type: ignore[union-attr]
+    assert h.store.read_bytes(d, "score.txt") == b"0.25"
+
+
+def test_check_files_finds_missing_short_and_changed_files(h: Harness) -> None:
+    t = tok()
+    recs = list(write_attempt(h.store, 4, t)["records"].values())  # type: ignore[union-attr]
+    d = h.store.attempt_dir(4, t)
+    h.store.check_files(d, recs, 4, digest=False)
+    h.store.remove_files(d, keep={"model.pt", "rank_0.pt"})
+    with pytest.raises(CheckpointCorruptError) as ei:
+        h.store.check_files(d, recs, 4, digest=False)
+    assert ei.value.missing and ei.value.path.endswith("score.txt")
+    if not h.store.is_local:
+        h.store.remove_files(d, keep={"model.pt"})  # an object is replaced only by deleting it first
+    h.plant(d, "rank_0.pt", b"short")
+    with pytest.raises(CheckpointCorruptError, match="bytes"):
+        h.store.check_files(d, [r for r in recs if r.path == "rank_0.pt"], 4, digest=False)
+    model = next(r for r in recs if r.path == "model.pt")
+    if not h.store.is_local:
+        h.store.remove_files(d, keep=set())
+    data = bytearray(h.store.read_bytes(d, "model.pt")) if h.store.is_local else bytearray(model.size_bytes)
+    data[-1] ^= 0xFF
+    h.plant(d, "model.pt", bytes(data))
+    h.store.check_files(d, [model], 4, digest=False)  # same size: only the digest tells
+    with pytest.raises(CheckpointCorruptError, match=HASH):
+        h.store.check_files(d, [model], 4, digest=True)
+
+
+def test_removing_an_attempt_touches_nothing_else(h: Harness) -> None:
+    s = h.store
+    a, b, c, p = tok(), tok(), tok(), tok()
+    write_attempt(s, 1, a)
+    write_attempt(s, 1, b, seed=1)
+    write_attempt(s, 10, c)
+    write_attempt(s, 2, p)
+    s.publish(2, p)
+    h.plant("step_1", "model.pt", b"imported fairseq2 checkpoint")  # an imported step_<N>/
+    keep = {d: s.list_files(d) for d in (s.attempt_dir(1, b), s.attempt_dir(10, c), s.committed_dir(2, p), "step_1")}
+    s.open_writer(1, a, hash_algorithm=HASH).abort()
+    assert not s.exists(s.attempt_dir(1, a))
+    for d, files in keep.items():
+        assert s.list_files(d) == files, d
+    handle = s.set_aside(s.committed_dir(2, p), 2)  # delete protocol: set aside under the lock, remove after
+    s.remove(handle)
+    assert not s.exists(s.committed_dir(2, p))
+    s.remove(handle)  # idempotent
+    assert s.list_files("step_1") == {"model.pt": len(b"imported fairseq2 checkpoint")}
+    assert s.list_files(s.attempt_dir(10, c)) == keep[s.attempt_dir(10, c)]
+
+
+def test_debris_of_a_dead_writer_is_removed(h: Harness) -> None:
+    s = h.store
+    t, other = tok(), tok()
+    write_attempt(s, 6, other)
+    h.dead_writer(5, t)
+    assert s.exists(s.attempt_dir(5, t)) and s.attempt_dir(5, t) in s.list_entries()
+    assert h.pending_uploads() == (0 if s.is_local else 1)
+    s.remove_tree(s.attempt_dir(5, t))
+    assert not s.exists(s.attempt_dir(5, t))
+    assert h.pending_uploads() == 0  # the incomplete multipart upload was aborted
+    assert set(s.list_files(s.attempt_dir(6, other))) == {"model.pt", "rank_0.pt", "score.txt"}
+    s.remove_tree(s.attempt_dir(5, t))  # a missing one is fine
+
+
+def test_an_unusable_root_is_a_clear_error(h: Harness) -> None:
+    broken = h.broken()
+    with pytest.raises(CheckpointError) as ei:
+        broken.ensure_root()
+    if isinstance(ei.value, ObjectStoreError):
+        assert "does not exist" in str(ei.value)
+
+
+def test_wrong_credentials_are_a_clear_error(h: Harness) -> None:
+    if not isinstance(h, ObjectHarness) or h.kind == "moto":
+        pytest.skip(f"{h.kind} checks no credentials")
+    bad = ObjectStore(
+        ObjectLocation(h.bucket.name, "runs/exp1"), storage_options={**h.opts, "secret_access_key": "wrong"}
+    )
+    with pytest.raises(ObjectStoreError, match="refused the credentials"):
+        bad.ensure_root()
+    w = bad.open_writer(1, tok(), hash_algorithm=HASH)
+    with pytest.raises(ObjectStoreError, match="refused the credentials"):
+        w.write_torch_many([TorchFile("model.pt", {"x": torch.zeros(3)})])
+
+
+def test_sharded_state_round_trip(h: Harness) -> None:
+    """DCP (one process, no process group): the same ``sharded/`` files and records on every store."""
+    s, t = h.store, tok()
+    w = s.open_writer(8, t, hash_algorithm=HASH)
+    w.open(create=True)
+    src = {"model": {"w": torch.randn(PART // 4 + 5), "b": torch.arange(7)}, "step": 8}
+    recs = w.write_sharded(src, rank=0, process_group=None)
+    assert set(recs) == {"sharded/.metadata", "sharded/__0_0.distcp"} and set(w.records) == set(recs)
+    w.finalize()
+    s.publish(8, t)
+    d = s.committed_dir(8, t)
+    assert s.list_files(d) == {r.path: r.size_bytes for r in recs.values()}
+    s.check_files(d, list(recs.values()), 8, digest=True)
+    dst = {"model": {"w": torch.zeros(PART // 4 + 5), "b": torch.zeros(7, dtype=torch.long)}, "step": 0}
+    s.load_sharded(d, dst, recs, 8, process_group=None, verify="digest")
+    assert torch.equal(dst["model"]["w"], src["model"]["w"]) and torch.equal(dst["model"]["b"], src["model"]["b"])
+    assert dst["step"] == 8
+    # a damaged shard is refused before DCP reads it
+    data = bytearray(s.read_bytes(d, "sharded/__0_0.distcp"))
+    data[-1] ^= 0xFF
+    if not s.is_local:
+        s.remove_files(d, keep={"sharded/.metadata"})
+    h.plant(d, "sharded/__0_0.distcp", bytes(data))
+    with pytest.raises(CheckpointCorruptError):
+        s.load_sharded(d, dst, recs, 8, process_group=None, verify="digest")
