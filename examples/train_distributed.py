@@ -84,6 +84,7 @@ def _init_and_train(rank: int, world: int, init_file: str, args: argparse.Namesp
     )
     try:
         train(args.checkpoint_dir, args.steps, args.every)
+        dist.barrier()  # no rank tears gloo down while another still has a collective in flight
     finally:
         dist.destroy_process_group()
 
@@ -100,6 +101,7 @@ def main() -> None:
         dist.init_process_group("gloo", timeout=timedelta(seconds=60))
         try:
             train(args.checkpoint_dir, args.steps, args.every)
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         return
