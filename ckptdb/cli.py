@@ -503,6 +503,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         digest=not args.size_only,
         progress=bar if show_bar else None,
         force=args.force,
+        remote_checksum=args.remote_checksum,
     )
     if args.json:
         _print_json({"ok": report.ok, "checkpoints": [r.as_dict() for r in report.results]})
@@ -753,6 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="only this step")
     p.add_argument("--all", action="store_true", help="also re-check checkpoints already marked corrupt or missing")
     p.add_argument("--size-only", action="store_true", help="compare sizes only (no re-hashing)")
+    p.add_argument(
+        "--remote-checksum",
+        action="store_true",
+        help="s3:// runs: compare the server's full-object checksums (one HEAD per object) instead of "
+        "downloading; objects without one are re-hashed",
+    )
     p.add_argument(
         "--force",
         action="store_true",
