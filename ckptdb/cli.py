@@ -366,8 +366,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         select = args.step
     elif args.pin is not None:
         select = args.pin
-    _, sel = locate_model(source, run=args.run, select=select, metric=metric, lower_better=args.lower_better)
-    state_dict, card = load_model(source, run=args.run, select=sel.checkpoint.step_nr, verify=not args.no_verify)
+    run = args.run if args.run or not args.dir else _run_name(args)  # --dir: that directory's run
+    _, sel = locate_model(source, run=run, select=select, metric=metric, lower_better=args.lower_better)
+    state_dict, card = load_model(source, run=run, select=sel.checkpoint.step_nr, verify=not args.no_verify)
     tensors: dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
         if not isinstance(v, torch.Tensor):
