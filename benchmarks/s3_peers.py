@@ -6,7 +6,10 @@ s3fs pulls aiobotocore, which pins botocore to an older release than ckptdb's de
 has, so it lives in a separate venv (docs/benchmarks.md, "S3: ckptdb against raw requests and
 the peers"):
 
-    python3 -m venv /work/venv-s3fs && /work/venv-s3fs/bin/pip install torch==2.13.0 s3fs numpy
+    python3 -m venv .venv-s3fs && .venv-s3fs/bin/pip install torch==2.13.0 s3fs numpy
+
+(``make bench-s3`` does it; pin torch to the main venv's version: the state is made by both
+interpreters from the same seed and must be the same bytes.)
 
 This file imports only torch, s3fs and the standard library (not ckptdb). The state is made the
 same way as in s3_save_bench.py (``make_state``: the same seed and shapes, hence the same bytes);

@@ -1,15 +1,16 @@
 """ckptdb's save and load on S3 against raw requests of the same bytes and against the peers (issue 12).
 
-    python benchmarks/s3_save_bench.py [--server seaweedfs|moto] [--mib 256] [--reps 5]
-        [--peers-python /work/venv-s3fs/bin/python | --no-peers]
+    python benchmarks/s3_save_bench.py [--server seaweedfs|moto] [--mib 256] [--reps 7]
+        [--peers-python .venv-s3fs/bin/python | --no-peers]
         [--write-docs docs/benchmarks.md] [--plot docs/bench_s3.png]
 
 One server (SeaweedFS ``weed mini`` on loopback by default) and one bucket for every method; the
 same state (8 float32 tensors, ``--mib`` MiB, a fixed seed); ckptdb's part size and concurrency
 (16 MiB parts, 8 in flight) everywhere a method takes them. Each repetition runs every method once,
 in an order rotated by one each repetition, saves first, then the loads of what each method
-saved. Reported: the median seconds per method and the ratios to the raw runs (raw median time /
-method median time, so > 1 is faster than raw).
+saved. Reported: the median seconds per method, the ratio to the raw runs (raw median time /
+method median time, so > 1 is faster than raw) and the paired ratio (the median over reps of raw
+time / method time within the same rep: less moved by a slow stretch of the shared machine).
 
 Saves:
 
@@ -46,14 +47,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.s3_clients import boto3_get, boto3_put  # noqa: E402
-from benchmarks.s3_peers import make_state, state_sha1  # noqa: E402
-from ckptdb import FileCheckpointManager  # noqa: E402
-from ckptdb.storage.s3client import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE  # noqa: E402
-from ckptdb.testing.s3servers import S3Server, start_server  # noqa: E402
+from benchmarks.s3_clients import boto3_get, boto3_put
+from benchmarks.s3_peers import make_state, state_sha1
+from ckptdb import FileCheckpointManager
+from ckptdb.storage.s3client import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
+from ckptdb.testing.s3servers import S3Server, start_server
 
 SECTION = "## S3: ckptdb against raw requests and the peers"
-DEFAULT_PEERS_PYTHON = "/work/venv-s3fs/bin/python"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PEERS_PYTHON = str(ROOT / ".venv-s3fs" / "bin" / "python")  # `make bench-s3` creates it
 
 RAW_PUT = "raw multipart upload (boto3)"
 CK_SAVE = "ckptdb save"
@@ -132,6 +134,9 @@ class Results:
 
     def ratio(self, base: str, name: str) -> float:
         return self.med(base) / self.med(name)
+
+    def paired(self, base: str, name: str) -> float:
+        return statistics.median(b / m for b, m in zip(self.sec[base], self.sec[name], strict=True))
 
 
 def run(args: argparse.Namespace) -> tuple[Results, dict[str, Any]]:
@@ -231,8 +236,8 @@ def report(res: Results, info: dict[str, Any], peers: bool) -> tuple[str, dict[s
         f"server={info['server']} file={info['bytes'] / 2**20:.0f} MiB part={info['part'] >> 20} MiB "
         f"concurrency={info['conc']} reps={info['reps']} (median of each method; the order rotates every rep)",
         "",
-        "| method | median s | MB/s | ratio to raw | runs (s) | client CPU s |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | median s | MB/s | ratio to raw | paired ratio | runs (s) | client CPU s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for base, names in (
         (RAW_PUT, [RAW_PUT, CK_SAVE, DCP_SAVE, TS_SAVE]),
@@ -244,7 +249,8 @@ def report(res: Results, info: dict[str, Any], peers: bool) -> tuple[str, dict[s
             runs = ", ".join(f"{s:.2f}" for s in res.sec[n])
             cpu = f"{statistics.median(res.cpu[n]):.2f}" if n in res.cpu else "(child)"
             lines.append(
-                f"| {n} | {res.med(n):.2f} | {mb / res.med(n):.0f} | {res.ratio(base, n):.2f} | {runs} | {cpu} |"
+                f"| {n} | {res.med(n):.2f} | {mb / res.med(n):.0f} | {res.ratio(base, n):.2f} "
+                f"| {res.paired(base, n):.2f} | {runs} | {cpu} |"
             )
     verdict: dict[str, bool] = {
         "save >= 0.9x raw multipart": res.ratio(RAW_PUT, CK_SAVE) >= 0.9,
@@ -303,11 +309,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", default="seaweedfs", choices=["seaweedfs", "moto"])
     ap.add_argument("--mib", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument(
         "--peers-python",
         default=os.environ.get("CKPTDB_S3FS_PYTHON", DEFAULT_PEERS_PYTHON),
-        help="an interpreter with torch and s3fs (default $CKPTDB_S3FS_PYTHON or /work/venv-s3fs/bin/python)",
+        help="an interpreter with torch and s3fs (default $CKPTDB_S3FS_PYTHON or .venv-s3fs/bin/python)",
     )
     ap.add_argument("--no-peers", action="store_true", help="skip DCP / torch.save over s3fs")
     ap.add_argument("--write-docs", type=Path, default=None, help="replace the S3 section of this file")
@@ -315,8 +321,8 @@ def main() -> None:
     args = ap.parse_args()
     if not args.no_peers and not Path(args.peers_python).exists():
         raise SystemExit(
-            f"no interpreter with s3fs at {args.peers_python}: see benchmarks/s3_peers.py for its venv, "
-            "or pass --no-peers"
+            f"no interpreter with s3fs at {args.peers_python}: `make bench-s3` makes one (see "
+            "benchmarks/s3_peers.py), or pass --peers-python or --no-peers"
         )
     res, info = run(args)
     table, _ = report(res, info, not args.no_peers)

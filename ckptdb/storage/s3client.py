@@ -346,9 +346,19 @@ class S3Client:
             key, int(r["ContentLength"]), str(r.get("ETag", "")).strip('"'), f"crc32c:{crc}" if crc else None
         )
 
-    def read_into(self, bucket: str, key: str, out: memoryview, *, offset: int = 0) -> None:
+    def read_into(
+        self,
+        bucket: str,
+        key: str,
+        out: memoryview,
+        *,
+        offset: int = 0,
+        prepare: Callable[[int, int], None] | None = None,
+    ) -> None:
         """Fill ``out`` with the object's bytes ``[offset, offset + len(out))``: parallel ranged GETs.
 
+        ``prepare(lo, hi)`` runs in the thread of each range ``out[lo:hi]`` before its GET (to
+        allocate that part of ``out`` while other ranges are downloading).
         Raises ObjectStoreError when the object is shorter than asked (or missing).
         """
         view = out.cast("B") if out.format != "B" or out.ndim != 1 else out
@@ -359,6 +369,8 @@ class S3Client:
         ranges = [(o, min(o + part, n)) for o in range(0, n, part)]
 
         def one(lo: int, hi: int) -> None:
+            if prepare is not None:
+                prepare(lo, hi)
             r = self._call("read", bucket, key, self._client.get_object, Range=f"bytes={offset + lo}-{offset + hi - 1}")
             body = r["Body"]
             raw = getattr(body, "_raw_stream", None)
