@@ -1,6 +1,6 @@
 """ckptdb's save and load on S3 against raw requests of the same bytes and against the peers (issue 12).
 
-    python benchmarks/s3_save_bench.py [--server seaweedfs|moto] [--mib 256] [--reps 7]
+    python benchmarks/s3_save_bench.py [--server seaweedfs|moto] [--mib 256] [--reps 9]
         [--peers-python .venv-s3fs/bin/python | --no-peers]
         [--write-docs docs/benchmarks.md] [--plot docs/bench_s3.png]
 
@@ -15,7 +15,9 @@ time / method time within the same rep: less moved by a slow stretch of the shar
 Saves:
 
 * raw multipart (boto3): the bytes of ``torch.save(state)`` (serialised beforehand, not timed)
-  uploaded by a plain boto3 thread pool (benchmarks/s3_clients.py ``boto3_put``);
+  uploaded by a plain boto3 thread pool (benchmarks/s3_clients.py ``boto3_put``): the baseline;
+* raw multipart + CRC32C: the same with the checksums ckptdb sends (a CRC32C per part, the whole
+  object's at completion), which the server verifies: what that costs, apart from ckptdb;
 * ckptdb save: ``FileCheckpointManager("s3://...", catalog=<SQLite>)`` ``begin_checkpoint`` /
   ``save_state`` / ``commit_checkpoint``: serialisation, xxh3 + CRC32C, the multipart upload and
   the catalog commit, all timed;
@@ -58,6 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PEERS_PYTHON = str(ROOT / ".venv-s3fs" / "bin" / "python")  # `make bench-s3` creates it
 
 RAW_PUT = "raw multipart upload (boto3)"
+RAW_PUT_CRC = "raw multipart + CRC32C (boto3)"
 CK_SAVE = "ckptdb save"
 DCP_SAVE = "DCP FsspecWriter / s3fs"
 TS_SAVE = "torch.save -> s3fs"
@@ -182,6 +185,7 @@ def run(args: argparse.Namespace) -> tuple[Results, dict[str, Any]]:
                 peers.run("save", "dcp", "warmup-dcp")
             saves: list[tuple[str, Callable[[int], tuple[float, float | None]]]] = [
                 (RAW_PUT, lambda i: _timed(lambda: boto3_put(c, bucket, f"raw{i}", data, part, conc))),
+                (RAW_PUT_CRC, lambda i: _timed(lambda: boto3_put(c, bucket, f"rawc{i}", data, part, conc, crc=True))),
                 (CK_SAVE, lambda i: _timed(ck_save)),
             ]
             loads: list[tuple[str, Callable[[int], tuple[float, float | None]]]] = [
@@ -240,7 +244,7 @@ def report(res: Results, info: dict[str, Any], peers: bool) -> tuple[str, dict[s
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for base, names in (
-        (RAW_PUT, [RAW_PUT, CK_SAVE, DCP_SAVE, TS_SAVE]),
+        (RAW_PUT, [RAW_PUT, RAW_PUT_CRC, CK_SAVE, DCP_SAVE, TS_SAVE]),
         (RAW_GET, [RAW_GET, CK_LOAD, CK_LOAD_SIZE, DCP_LOAD, TS_LOAD]),
     ):
         for n in names:
@@ -272,14 +276,16 @@ def plot(res: Results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = [
-        ("saves: raw multipart time / method time", RAW_PUT, [RAW_PUT, CK_SAVE, DCP_SAVE, TS_SAVE]),
+        ("saves: raw multipart time / method time", RAW_PUT, [RAW_PUT, RAW_PUT_CRC, CK_SAVE, DCP_SAVE, TS_SAVE]),
         ("loads: raw ranged GET time / method time", RAW_GET, [RAW_GET, CK_LOAD, CK_LOAD_SIZE, DCP_LOAD, TS_LOAD]),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
     for ax, (title, base, names) in zip(axes, groups, strict=True):
         names = [n for n in names if n in res.sec]
         vals = [res.ratio(base, n) for n in names]
-        colors = ["tab:gray" if n == base else "tab:blue" if n.startswith("ckptdb") else "tab:orange" for n in names]
+        colors = [
+            "tab:gray" if n.startswith("raw") else "tab:blue" if n.startswith("ckptdb") else "tab:orange" for n in names
+        ]
         ax.barh(range(len(names)), vals, color=colors)
         for y, v in enumerate(vals):
             ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
@@ -309,7 +315,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", default="seaweedfs", choices=["seaweedfs", "moto"])
     ap.add_argument("--mib", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument(
         "--peers-python",
         default=os.environ.get("CKPTDB_S3FS_PYTHON", DEFAULT_PEERS_PYTHON),
