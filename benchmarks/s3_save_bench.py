@@ -333,15 +333,21 @@ def main() -> None:
     res, info = run(args)
     table, _ = report(res, info, not args.no_peers)
     print(table)
-    print(f"({info['seconds']:.0f} s for the timed reps; load average {info['load'][0]:.1f} -> {info['load'][1]:.1f})")
+    machine = (
+        f"Machine: {os.cpu_count()} CPU cores shared by the server, this process, the peers' child and other "
+        f"jobs (load average {info['load'][0]:.1f} at the start, {info['load'][1]:.1f} at the end); "
+        f"{info['seconds']:.0f} s for the timed reps."
+    )
+    print(machine)
     if args.plot:
         plot(res, args.plot)
     if args.write_docs:
-        cmd = " ".join(["python benchmarks/s3_save_bench.py", *sys.argv[1:]])
+        argv = [a.replace(args.peers_python, "<a venv with s3fs>/bin/python") for a in sys.argv[1:]]
+        cmd = " ".join(["python benchmarks/s3_save_bench.py", *argv])
         write_doc(
             args.write_docs,
-            f"{SECTION}\n\n<!-- written by benchmarks/s3_save_bench.py; the prose below the table is by hand -->\n\n"
-            f"```\n{cmd}\n```\n\n{table}\n",
+            f"{SECTION}\n\n<!-- written by benchmarks/s3_save_bench.py (make bench-s3); the next section is by hand -->"
+            f"\n\n![S3 ratios](bench_s3.png)\n\n```\n{cmd}\n```\n\n{machine}\n\n{table}\n",
         )
 
 
