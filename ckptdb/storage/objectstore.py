@@ -495,7 +495,7 @@ class ObjectStore(Store):
                             f"{expect.hash_algorithm}:{actual}",
                         )
                 with _torch_load_errors(step_nr, where):
-                    if path is not None:
+                    if path is not None and view[:4] == b"PK\x03\x04":  # mmap needs torch's zip format
                         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                     return torch.load(
                         io.BufferedReader(_ViewReader(view), buffer_size=1 << 20),  # type: ignore[arg-type]

@@ -316,3 +316,17 @@ def test_sharded_state_round_trip(h: Harness) -> None:
     h.plant(d, "sharded/__0_0.distcp", bytes(data))
     with pytest.raises(CheckpointCorruptError):
         s.load_sharded(d, dst, recs, 8, process_group=None, verify="digest")
+
+
+def test_an_object_in_the_legacy_torch_format_loads(h: Harness) -> None:
+    """A file saved without torch's zip format (an imported old fairseq2 step) cannot be memory-mapped:
+    the object store's load falls back to reading it from the buffer."""
+    if h.store.is_local:
+        pytest.skip("a local mmap load of a legacy file is refused by torch itself")
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"model": state(n=1000)}, buf, _use_new_zipfile_serialization=False)
+    h.plant("step_6", "model.pt", buf.getvalue())
+    for mmap in (True, False):
+        assert torch.equal(h.store.load_torch("step_6", "model.pt", 6, mmap=mmap)["model"]["w"], state(n=1000)["w"])
