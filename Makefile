@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install demo test lint bench bench-quick gpu-stall torture crashcheck faultcheck racecheck clean
+.PHONY: install demo test lint bench bench-quick bench-s3 gpu-stall torture crashcheck faultcheck racecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,20 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python benchmarks/save_load_bench.py --quick --no-doc --pg-url "$(PG_URL)"
+
+# ckptdb's save/load on S3 (SeaweedFS on loopback) against raw boto3 multipart / ranged GETs and the
+# peers (DCP FsspecWriter and torch.save over s3fs), alternating reps, ratios (docs/benchmarks.md,
+# docs/bench_s3.png; issue 12); about 3 minutes here. The peers run in a second venv: s3fs pulls
+# aiobotocore, which pins an older botocore than the dev environment's.
+S3FS_VENV ?= .venv-s3fs
+$(S3FS_VENV)/.installed-stamp:
+	$(PYTHON) -m venv $(S3FS_VENV)
+	$(S3FS_VENV)/bin/pip install -q "$(TORCH)" s3fs numpy
+	touch $@
+
+bench-s3: install $(S3FS_VENV)/.installed-stamp
+	$(BIN)/python benchmarks/s3_save_bench.py --peers-python $(S3FS_VENV)/bin/python \
+		--write-docs docs/benchmarks.md --plot docs/bench_s3.png $(BENCH_ARGS)
 
 gpu-stall: install
 	$(BIN)/python benchmarks/gpu_stall.py --write-docs docs/benchmarks.md

@@ -34,19 +34,38 @@ def _best(fn: Callable[[int], None], nbytes: int, repeat: int) -> float:
     return nbytes / best / 1e6
 
 
-def boto3_put(c: Any, bucket: str, key: str, data: memoryview, part: int, conc: int) -> None:
-    up = c.create_multipart_upload(Bucket=bucket, Key=key)
+def boto3_put(c: Any, bucket: str, key: str, data: memoryview, part: int, conc: int, *, crc: bool = False) -> None:
+    """A multipart upload of ``data`` by a plain thread pool. ``crc``: the requests ckptdb makes, with a
+    CRC32C per part and the whole object's (FULL_OBJECT) at completion, each computed in the thread that
+    has the bytes (the server checks them)."""
+    import crc32c
+
+    from ckptdb.storage.s3client import crc32c_b64, crc32c_combine
+
+    kw: dict[str, Any] = {"ChecksumAlgorithm": "CRC32C", "ChecksumType": "FULL_OBJECT"} if crc else {}
+    up = c.create_multipart_upload(Bucket=bucket, Key=key, **kw)
     offs = list(range(0, len(data), part))
+    crcs: list[tuple[int, int]] = [(0, 0)] * len(offs)
 
     def one(i: int) -> dict[str, Any]:
-        body = data[offs[i] : offs[i] + part]
-        r = c.upload_part(Bucket=bucket, Key=key, UploadId=up["UploadId"], PartNumber=i + 1, Body=bytes(body))
-        return {"PartNumber": i + 1, "ETag": r["ETag"]}
+        body = bytes(data[offs[i] : offs[i] + part])
+        more: dict[str, Any] = {}
+        if crc:
+            value = crc32c.crc32c(body)
+            crcs[i] = (value, len(body))
+            more = {"ChecksumAlgorithm": "CRC32C", "ChecksumCRC32C": crc32c_b64(value)}
+        r = c.upload_part(Bucket=bucket, Key=key, UploadId=up["UploadId"], PartNumber=i + 1, Body=body, **more)
+        return {"PartNumber": i + 1, "ETag": r["ETag"], **({"ChecksumCRC32C": more["ChecksumCRC32C"]} if crc else {})}
 
     with ThreadPoolExecutor(conc) as ex:
         parts = list(ex.map(one, range(len(offs))))
+    if crc:
+        whole = 0
+        for value, n in crcs:
+            whole = crc32c_combine(whole, value, n)
+        kw = {"ChecksumCRC32C": crc32c_b64(whole), "ChecksumType": "FULL_OBJECT"}
     c.complete_multipart_upload(
-        Bucket=bucket, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": parts}, IfNoneMatch="*"
+        Bucket=bucket, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": parts}, IfNoneMatch="*", **kw
     )
 
 

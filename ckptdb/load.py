@@ -116,10 +116,26 @@ class Loader:
     def mark_damaged(self, info: CheckpointInfo, e: CheckpointCorruptError) -> None:
         mark_damaged(self.ctx, info, e)
 
-    def load_file(self, info: CheckpointInfo, directory: str, s: ShardInfo) -> Any:
-        """``torch.load(weights_only=True)`` one file of ``info``; damage and hostile pickles are recorded."""
+    def digest_on_load(self, verify: str) -> bool:
+        """Whether digests are checked by :meth:`load_file` on the bytes it loads rather than by
+        :meth:`verify_and_mark` beforehand: on a store that fetches whole files into memory to load
+        them (an object store), so that each file is downloaded once, not twice."""
+        return verify == "digest" and self.ctx.store.hashes_on_load
+
+    def load_file(self, info: CheckpointInfo, directory: str, s: ShardInfo, *, check_digest: bool = False) -> Any:
+        """``torch.load(weights_only=True)`` one file of ``info``; damage and hostile pickles are recorded.
+
+        ``check_digest``: the store checks the file's size and digest against the catalog on the
+        bytes it loads (see :meth:`digest_on_load`)."""
+        expect = (
+            FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest, checksum=s.remote_checksum)
+            if check_digest
+            else None
+        )
         try:
-            return self.ctx.store.load_torch(directory, s.path, info.step_nr, mmap=self.ctx.load_options.mmap)
+            return self.ctx.store.load_torch(
+                directory, s.path, info.step_nr, mmap=self.ctx.load_options.mmap, expect=expect
+            )
         except CheckpointCorruptError as e:
             self.mark_damaged(info, e)
             raise
@@ -182,16 +198,17 @@ class Loader:
         def load() -> dict[str, Any]:
             for s in shards:  # a file list naming a path outside the step directory is a corrupt row
                 layout.check_relpath(s.path, info.step_nr)
-            self.verify_and_mark(info, [*mine, *([model] if model else [])], verify)
+            on_load = self.digest_on_load(verify)
+            self.verify_and_mark(info, [*mine, *([model] if model else [])], "size" if on_load else verify)
             directory = ctx.store.check_directory(info.step_nr, info.directory)
             state: dict[str, Any] = {}
             for s in mine:
-                part = self.load_file(info, directory, s)
+                part = self.load_file(info, directory, s, check_digest=on_load)
                 if not isinstance(part, dict):
                     raise CheckpointCorruptError(info.step_nr, s.path, "a dict", type(part).__name__)
                 state.update(part)
             if model is not None:
-                part = self.load_file(info, directory, model)
+                part = self.load_file(info, directory, model, check_digest=on_load)
                 key = part.get("model_key", "model") if isinstance(part, dict) else "model"
                 if key not in state and isinstance(part, dict) and key in part:
                     state[key] = part[key]
@@ -255,8 +272,9 @@ class Loader:
         s = next((x for x in shards if x.path == layout.metadata_file(*ctx.sfx)), None)
         if s is None:
             return None
-        self.verify_and_mark(info, [s], ctx.load_options.verify)
-        result = self.load_file(info, ctx.store.check_directory(info.step_nr, info.directory), s)
+        on_load = self.digest_on_load(ctx.load_options.verify)
+        self.verify_and_mark(info, [s], "size" if on_load else ctx.load_options.verify)
+        result = self.load_file(info, ctx.store.check_directory(info.step_nr, info.directory), s, check_digest=on_load)
         return dict(result) if isinstance(result, Mapping) else None
 
 

@@ -113,6 +113,41 @@ def crc32c_b64(value: int) -> str:
     return base64.b64encode(value.to_bytes(4, "big")).decode()
 
 
+# CRC32C of a concatenation from the CRC32Cs of its pieces (zlib's crc32_combine, with the reflected
+# Castagnoli polynomial): the writer gets the whole object's CRC32C from its parts' CRC32Cs, which the
+# upload threads compute anyway, instead of a second pass over every byte in the writing thread.
+_CRC32C_POLY = 0x82F63B78
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC polynomial (reflected bit order)."""
+    m, p = 1 << 31, 0
+    while m:
+        if a & m:
+            p ^= b
+        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
+        m >>= 1
+    return p
+
+
+def _x8nmodp(n: int) -> int:
+    """x^(8n) modulo the CRC polynomial: the operator that moves a CRC past ``n`` zero bytes."""
+    p, sq = 1 << 31, 1 << 30  # x^0, x^1
+    for _ in range(3):  # x^8
+        sq = _multmodp(sq, sq)
+    while n:
+        if n & 1:
+            p = _multmodp(sq, p)
+        n >>= 1
+        sq = _multmodp(sq, sq)
+    return p
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC32C of ``A + B`` from ``crc1`` = CRC32C(A), ``crc2`` = CRC32C(B) and ``len2`` = len(B)."""
+    return _multmodp(_x8nmodp(len2), crc1) ^ crc2
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectMeta:
     """What HEAD says about an object."""
@@ -346,9 +381,19 @@ class S3Client:
             key, int(r["ContentLength"]), str(r.get("ETag", "")).strip('"'), f"crc32c:{crc}" if crc else None
         )
 
-    def read_into(self, bucket: str, key: str, out: memoryview, *, offset: int = 0) -> None:
+    def read_into(
+        self,
+        bucket: str,
+        key: str,
+        out: memoryview,
+        *,
+        offset: int = 0,
+        prepare: Callable[[int, int], None] | None = None,
+    ) -> None:
         """Fill ``out`` with the object's bytes ``[offset, offset + len(out))``: parallel ranged GETs.
 
+        ``prepare(lo, hi)`` runs in the thread of each range ``out[lo:hi]`` before its GET (to
+        allocate that part of ``out`` while other ranges are downloading).
         Raises ObjectStoreError when the object is shorter than asked (or missing).
         """
         view = out.cast("B") if out.format != "B" or out.ndim != 1 else out
@@ -359,6 +404,8 @@ class S3Client:
         ranges = [(o, min(o + part, n)) for o in range(0, n, part)]
 
         def one(lo: int, hi: int) -> None:
+            if prepare is not None:
+                prepare(lo, hi)
             r = self._call("read", bucket, key, self._client.get_object, Range=f"bytes={offset + lo}-{offset + hi - 1}")
             body = r["Body"]
             raw = getattr(body, "_raw_stream", None)
@@ -569,6 +616,8 @@ class _Part:
     number: int
     etag: str = ""
     crc: str = ""
+    crc_value: int = 0
+    size: int = 0
     md5: bytes = b""
 
 
@@ -584,13 +633,14 @@ class ObjectWriter:
     """The file object ``torch.save`` writes through when the destination is an object.
 
     Call order: ``write()``* -> ``close()`` (returns :class:`WrittenObject`) | ``abort()``.
-    ``write`` hashes the bytes (ckptdb's hasher and a running CRC32C of the whole object) and copies
-    them into the current part buffer; a full buffer is uploaded by its own thread (at most
-    ``concurrency`` in flight) while writing goes on, and goes back to the client's buffer pool when
+    ``write`` hashes the bytes with ckptdb's hasher and copies them into the current part buffer; a
+    full buffer is uploaded by its own thread (at most ``concurrency`` in flight; that thread
+    computes the part's CRC32C) while writing goes on, and goes back to the client's buffer pool when
     its upload ends. The multipart upload is created at the first full part; a file smaller than
     one part is a single conditional PUT at ``close``. ``close`` completes the upload with
-    ``If-None-Match: *`` and the whole object's CRC32C (type FULL_OBJECT). On any failure the
-    upload is aborted, so no part is left billed and invisible.
+    ``If-None-Match: *`` and the whole object's CRC32C (type FULL_OBJECT), combined from the parts'
+    CRC32Cs (:func:`crc32c_combine`: no second pass over the bytes in the writing thread). On any
+    failure the upload is aborted, so no part is left billed and invisible.
     """
 
     def __init__(self, client: S3Client, bucket: str, key: str, hasher: Hasher | None) -> None:
@@ -598,7 +648,6 @@ class ObjectWriter:
         self.bucket = bucket
         self.key = key
         self._hasher = hasher
-        self._crc = 0
         self._buf: bytearray | None = None
         self._fill = 0
         self._state = _UploadState()
@@ -633,7 +682,6 @@ class ObjectWriter:
             raise self._state.error
         if self._hasher is not None:
             self._hasher.update(view)
-        self._crc = crc32c.crc32c(view, value=self._crc)
         part = self._c.config.part_size
         off = 0
         while off < n:
@@ -684,7 +732,8 @@ class ObjectWriter:
     def _upload(self, p: _Part, buf: bytearray, n: int) -> None:
         try:
             body: bytes | bytearray = buf if n == len(buf) else bytes(memoryview(buf)[:n])
-            crc = crc32c_b64(crc32c.crc32c(body))
+            value = crc32c.crc32c(body)
+            crc = crc32c_b64(value)
             r = self._c._call(
                 "write",
                 self.bucket,
@@ -696,7 +745,7 @@ class ObjectWriter:
                 ChecksumAlgorithm="CRC32C",
                 ChecksumCRC32C=crc,
             )
-            p.etag, p.crc = str(r["ETag"]), crc
+            p.etag, p.crc, p.crc_value, p.size = str(r["ETag"]), crc, value, n
             p.md5 = bytes.fromhex(p.etag.strip('"')) if len(p.etag.strip('"')) == 32 else b""
         except BaseException as e:  # noqa: BLE001 - surfaced by the writer's next write() / close()
             with self._lock:
@@ -743,7 +792,10 @@ class ObjectWriter:
 
     def _complete(self) -> WrittenObject:
         st = self._state
-        whole = crc32c_b64(self._crc)
+        value = 0
+        for p in st.parts:
+            value = crc32c_combine(value, p.crc_value, p.size)
+        whole = crc32c_b64(value)
         parts = [{"PartNumber": p.number, "ETag": p.etag, "ChecksumCRC32C": p.crc} for p in st.parts]
         try:
             r = self._c._client.complete_multipart_upload(

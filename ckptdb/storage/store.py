@@ -300,10 +300,18 @@ class Store(abc.ABC):
         with self.open_read(directory, relpath) as f:
             return f.read()
 
+    #: True when :meth:`load_torch` fetches the whole file into memory anyway (an object store): the
+    #: loader then has it check the digest of the bytes it fetched (``expect=``) instead of reading
+    #: each file twice (once to hash it, once to load it).
+    hashes_on_load: bool = False
+
     @abc.abstractmethod
-    def load_torch(self, directory: str, relpath: str, step_nr: int, *, mmap: bool = True) -> Any:
+    def load_torch(
+        self, directory: str, relpath: str, step_nr: int, *, mmap: bool = True, expect: FileRecord | None = None
+    ) -> Any:
         """``torch.load(weights_only=True)`` of one file. Raises UnsafeCheckpointFileError /
-        CheckpointCorruptError as :func:`ckptdb.storage.reader.load_torch` does."""
+        CheckpointCorruptError as :func:`ckptdb.storage.reader.load_torch` does. With ``expect``, the
+        file's size and digest are checked against it first (CheckpointCorruptError)."""
 
     @abc.abstractmethod
     def load_sharded(
@@ -549,9 +557,13 @@ class LocalStore(Store):
     def open_read(self, directory: str, relpath: str) -> BinaryIO:
         return open(layout.shard_path(self.path(directory), relpath, 0), "rb")
 
-    def load_torch(self, directory: str, relpath: str, step_nr: int, *, mmap: bool = True) -> Any:
+    def load_torch(
+        self, directory: str, relpath: str, step_nr: int, *, mmap: bool = True, expect: FileRecord | None = None
+    ) -> Any:
         from ckptdb.storage.reader import load_torch
 
+        if expect is not None:
+            self.check_files(directory, [expect], step_nr, digest=True)
         return load_torch(layout.shard_path(self.path(directory), relpath, step_nr), step_nr, mmap=mmap)
 
     def load_sharded(

@@ -13,7 +13,7 @@ import torch
 
 from ckptdb import FileCheckpointManager
 from ckptdb.catalog import Catalog
-from ckptdb.errors import CheckpointExistsError, CheckpointNotFoundError, ObjectStoreError
+from ckptdb.errors import CheckpointCorruptError, CheckpointExistsError, CheckpointNotFoundError, ObjectStoreError
 from ckptdb.storage.objectstore import ObjectStore
 from ckptdb.storage.s3client import MIN_PART_SIZE
 from tests.helpers import assert_state_equal, make_state, save
@@ -164,4 +164,27 @@ def test_async_save_on_s3(moto_bucket: Bucket, catalog_url: str) -> None:
     assert m.get_step_numbers() == [1, 2]
     for step in (1, 2):
         assert_state_equal(m.load_checkpoint(step), make_state(step, size=1200))
+    m.close()
+
+
+def test_a_changed_byte_is_caught_by_the_load(moto_bucket: Bucket, catalog_url: str) -> None:
+    """verify="digest" on S3 hashes the bytes the load downloads (one GET pass, not two): a same-size
+    change behind the catalog's back is found, recorded, and the load falls back past it."""
+    b = moto_bucket
+    m = manager(b, catalog_url)
+    for step in (1, 2):
+        save(m, step)
+    d2 = {c.step_nr: c.directory for c in m.get_checkpoints()}[2]
+    c = b.server.boto3_client()
+    key = f"runs/exp1/{d2}/model.pt"
+    data = bytearray(c.get_object(Bucket=b.name, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    c.delete_object(Bucket=b.name, Key=key)
+    c.put_object(Bucket=b.name, Key=key, Body=bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="xxh3"):
+        m.load_checkpoint(2)
+    assert {c.step_nr: c.state for c in m.get_checkpoints()}[2] == "corrupt"
+    step, state = m.load_last_checkpoint()
+    assert step == 1
+    assert_state_equal(state, make_state(1))
     m.close()

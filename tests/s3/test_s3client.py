@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ import pytest
 
 from ckptdb.errors import InvalidArgumentError, ObjectExistsError, ObjectStoreError
 from ckptdb.storage.hashing import new_hasher
-from ckptdb.storage.s3client import MIN_PART_SIZE, S3Client, config_from, crc32c_b64
+from ckptdb.storage.s3client import MIN_PART_SIZE, S3Client, config_from, crc32c_b64, crc32c_combine
 from tests.s3.faultproxy import FaultProxy
 from tests.s3_fixtures import Bucket
 
@@ -33,6 +34,19 @@ def write_chunks(c: S3Client, bucket: str, key: str, data: bytes, chunk: int = 3
     for off in range(0, len(data), chunk):
         assert w.write(view[off : off + chunk]) == len(view[off : off + chunk])
     return w.close()
+
+
+@pytest.mark.parametrize("cuts", [[], [0], [1], [7, 7], [1000, 4096, 4097], [65536, 100_000]])
+def test_crc32c_combine_equals_one_pass(cuts: list[int]) -> None:
+    """The writer's whole-object CRC32C, combined from its parts' CRC32Cs, is the CRC32C of all the bytes."""
+    import crc32c
+
+    data = os.urandom(150_000)
+    bounds = [0, *cuts, len(data)]
+    value = 0
+    for lo, hi in itertools.pairwise(bounds):
+        value = crc32c_combine(value, crc32c.crc32c(data[lo:hi]), hi - lo)
+    assert value == crc32c.crc32c(data)
 
 
 def test_multipart_writer_roundtrip(s3_bucket: Bucket) -> None:

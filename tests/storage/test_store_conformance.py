@@ -205,6 +205,35 @@ def test_check_files_finds_missing_short_and_changed_files(h: Harness) -> None:
         h.store.check_files(d, [model], 4, digest=True)
 
 
+@pytest.mark.parametrize("mmap", [True, False])
+def test_load_torch_checks_the_bytes_it_loads(h: Harness, mmap: bool) -> None:
+    """``load_torch(expect=)``: size and digest checked (on an object store: on the one download the load uses)."""
+    t = tok()
+    recs = write_attempt(h.store, 5, t)["records"]
+    assert isinstance(recs, dict)
+    model = recs["model.pt"]
+    d = h.store.attempt_dir(5, t)
+    loaded = h.store.load_torch(d, "model.pt", 5, mmap=mmap, expect=model)
+    w = loaded["model"]["w"]
+    assert torch.equal(w, state()["w"])
+    w.add_(1.0)  # the tensors are the caller's: writable (copy-on-write where mapped)
+    assert torch.equal(w, state()["w"] + 1.0)
+    assert torch.equal(h.store.load_torch(d, "model.pt", 5, mmap=mmap)["model"]["w"], state()["w"])
+    # one byte of tensor data changed, same size: torch.load alone does not notice, the digest does
+    data = bytearray(h.store.read_bytes(d, "model.pt"))
+    data[len(data) // 2] ^= 0xFF
+    if not h.store.is_local:
+        h.store.remove_files(d, keep={"rank_0.pt", "score.txt"})
+    h.plant(d, "model.pt", bytes(data))
+    assert not torch.equal(h.store.load_torch(d, "model.pt", 5, mmap=mmap)["model"]["w"], state()["w"])
+    with pytest.raises(CheckpointCorruptError, match=HASH):
+        h.store.load_torch(d, "model.pt", 5, mmap=mmap, expect=model)
+    h.store.remove_files(d, keep={"rank_0.pt", "score.txt"})
+    with pytest.raises(CheckpointCorruptError) as ei:
+        h.store.load_torch(d, "model.pt", 5, mmap=mmap, expect=model)
+    assert ei.value.missing
+
+
 def test_removing_an_attempt_touches_nothing_else(h: Harness) -> None:
     s = h.store
     a, b, c, p = tok(), tok(), tok(), tok()
@@ -287,3 +316,17 @@ def test_sharded_state_round_trip(h: Harness) -> None:
     h.plant(d, "sharded/__0_0.distcp", bytes(data))
     with pytest.raises(CheckpointCorruptError):
         s.load_sharded(d, dst, recs, 8, process_group=None, verify="digest")
+
+
+def test_an_object_in_the_legacy_torch_format_loads(h: Harness) -> None:
+    """A file saved without torch's zip format (an imported old fairseq2 step) cannot be memory-mapped:
+    the object store's load falls back to reading it from the buffer."""
+    if h.store.is_local:
+        pytest.skip("a local mmap load of a legacy file is refused by torch itself")
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"model": state(n=1000)}, buf, _use_new_zipfile_serialization=False)
+    h.plant("step_6", "model.pt", buf.getvalue())
+    for mmap in (True, False):
+        assert torch.equal(h.store.load_torch("step_6", "model.pt", 6, mmap=mmap)["model"]["w"], state(n=1000)["w"])
