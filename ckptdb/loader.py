@@ -221,15 +221,17 @@ def _mark(catalog: Catalog, sel: Selected, state: State, e: CheckpointCorruptErr
 
 
 def _load_object_model(catalog: Catalog, sel: Selected, *, verify: bool) -> Any:
-    """The model file of an ``s3://`` run: size (and digest, streamed) checked, then parallel ranged GETs
-    into memory and a weights-only ``torch.load``; damage is recorded as on a local run."""
+    """The model file of an ``s3://`` run: parallel ranged GETs into memory, the digest checked on the
+    bytes fetched (one download), then a weights-only ``torch.load``; damage is recorded as on a local run."""
     c, m = sel.checkpoint, sel.model_file
     store = run_store(sel.run.checkpoint_dir)
     try:
         directory = store.check_directory(c.step_nr, c.directory)
         rec = FileRecord(m.path, m.size_bytes, m.hash_algorithm, m.digest, checksum=m.remote_checksum)
-        store.check_files(directory, [rec], c.step_nr, digest=verify)
-        return store.load_torch(directory, m.path, c.step_nr)
+        if not verify:
+            store.check_files(directory, [rec], c.step_nr, digest=False)  # sizes only (one HEAD)
+            return store.load_torch(directory, m.path, c.step_nr)
+        return store.load_torch(directory, m.path, c.step_nr, expect=rec)  # digest of the bytes fetched
     except CheckpointCorruptError as e:
         if c.state == State.COMMITTED.value:
             gone = e.missing and not store.exists(c.directory)
