@@ -239,3 +239,61 @@ def test_load_model_and_export_from_s3(
     with pytest.raises(CheckpointCorruptError, match=r"model\.pt"):
         load_model(url_of(b), select=1)
     assert [c.state for c in cat.checkpoints(run.id) if c.step_nr == 1] == ["corrupt"]
+
+
+def _upload_tree(b: Bucket, local: Path, prefix: str) -> None:
+    s3 = b.server.boto3_client()
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            s3.put_object(Bucket=b.name, Key=f"{prefix}/{p.relative_to(local).as_posix()}", Body=p.read_bytes())
+
+
+def test_import_fairseq2_directory_on_s3(
+    bucket: Bucket,
+    catalog_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """fairseq2 writes step_<N>/ objects in place: adopt the complete steps, skip the incomplete one and
+    the .tmp leftover; then resume, load_model, retention and verify work on the imported run."""
+    from ckptdb import load_model
+    from ckptdb.importer import import_directory
+    from ckptdb.retention import KeepLast
+    from tests.catalog import fairseq2_dirs as fs2
+
+    b = bucket
+    local = fs2.v03(tmp_path / "fs2", {100: 0.9, 200: 0.5, 250: None, 260: 0.1}, tmp_step=300)
+    _upload_tree(b, local, PREFIX)
+    s3 = b.server.boto3_client()
+    s3.delete_object(Bucket=b.name, Key=f"{PREFIX}/step_260/rank_0.pt")  # its writer died mid-save
+    before = keys(b)
+    src = url_of(b)
+
+    dry = import_directory(catalog_url, src, dry_run=True)
+    assert dry.adopted == [100, 200, 250] and dry.skipped["step_300.tmp"] == "unfinished or ckptdb work directory"
+    assert dry.skipped["step_260"].startswith("incomplete: lacks rank_0.pt")
+    rc, out = cli(capsys, "import", src, "--url", catalog_url, "--json")
+    rep = json.loads(out)
+    assert rc == 0 and rep["adopted"] == [100, 200, 250] and rep["checkpoint_dir"] == src
+    assert keys(b) == before  # the user's objects are untouched
+    cat = Catalog(catalog_url)
+    run = cat.get_run(src)
+    assert run.model_metadata == fs2.CARD
+    rows = {c.step_nr: c for c in cat.checkpoints(run.id)}
+    assert rows[100].scores == {"score": 0.9} and rows[100].directory == "step_100"
+    assert rows[100].user_metadata == {"data_epoch": 1, "config": {"lr": 0.01}}
+    assert import_directory(catalog_url, src).already == [100, 200, 250]
+
+    monkeypatch.setenv("CKPTDB_URL", catalog_url)
+    sd, card = load_model(src, select="best", lower_better=True)
+    assert torch.equal(sd["proj.weight"], fs2.model_sd(200)["proj.weight"]) and card == fs2.CARD
+    assert verify(cat, run=src).ok
+    m = FileCheckpointManager(src, catalog=catalog_url)
+    step, state = m.load_last_checkpoint()
+    assert step == 250 and torch.equal(state["model"]["proj.bias"], fs2.model_sd(250)["proj.bias"])
+    save(m, 300)  # fairseq2's step_300.tmp leftover does not get in the way
+    assert m.apply_retention(KeepLast(2)) == [100, 200]
+    assert not keys(b, "step_100/") and not keys(b, "step_200/") and keys(b, "step_250/")
+    m.close()
+    assert verify(cat, run=src).ok
