@@ -66,8 +66,11 @@ def recover_object_run(
                 rep.unsafe_paths.append(str(e))
                 continue
         rep.deletions_finished.append(c.step_nr)
+    # the listing first, the catalog's tokens after it: a writer inserts its pending row before its first
+    # upload, so every prefix listed here has its row in that read (never taken for foreign)
+    names = sorted(store.list_entries())
     rows = catalog.tokens(run.id)
-    for name in sorted(store.list_entries()):
+    for name in names:
         token = store.owner(name)
         row = rows.get(token) if token is not None else None
         if row is None:
