@@ -73,6 +73,11 @@ torture: install
 	rm -rf /tmp/ckptdb-torture && $(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/sqlite/ck
 	$(BIN)/python scripts/torture.py --kills 200 --dir /tmp/ckptdb-torture/pg/ck --fresh-db --url "$(PG_URL)"
 
+# The crash torture on s3:// runs (SeaweedFS started by the script): 100 kills per catalog backend.
+torture-s3: install
+	rm -rf /tmp/ckptdb-torture-s3 && $(BIN)/python scripts/torture.py --kills 100 --max-delay 3 --s3 seaweedfs --dir /tmp/ckptdb-torture-s3/sqlite/ck
+	$(BIN)/python scripts/torture.py --kills 100 --max-delay 3 --s3 seaweedfs --dir /tmp/ckptdb-torture-s3/pg/ck --fresh-db --url "$(PG_URL)"
+
 # Failed syscalls below Python (docs/reliability.md): every protocol, the Nth call of
 # every file-system syscall it makes failed with EIO / ENOSPC / EROFS, for every N (1737 faults, about 20 min here).
 # `make test` runs a two-minute subset (tests/checkers/test_faultcheck.py). Needs gcc (LD_PRELOAD shim).

@@ -33,6 +33,7 @@ from ckptdb.catalog import Catalog, RunInfo
 from ckptdb.errors import CheckpointDirUnavailableError, CheckpointError
 from ckptdb.recovery import RecoveryReport, finish_delete, recover_run
 from ckptdb.retention import Plan, Policy, deletion_reason
+from ckptdb.runstore import is_object_run, run_store
 from ckptdb.storage.store import Store
 from ckptdb.verify import require_directory
 
@@ -124,6 +125,20 @@ def prune(
     )
     if dry_run or not rep.to_delete:
         return rep
+    if is_object_run(run.checkpoint_dir):
+        from ckptdb import objrecovery
+
+        rep.deleted = objrecovery.apply_policy(
+            catalog,
+            run,
+            run_store(run.checkpoint_dir),
+            policy,
+            who_am_i(),
+            preserve_model=preserve_model,
+            progress=progress,
+            failed=rep.failed,
+        )
+        return rep
     rep.deleted = apply_policy(
         catalog,
         run,
@@ -185,19 +200,35 @@ def gc(
     for i, name in enumerate(names, 1):
         try:
             run = catalog.get_run(name)
-            if not force:
-                require_directory(catalog, run, Path(run.checkpoint_dir))
-            rep.runs[name] = recover_run(
-                catalog,
-                run,
-                Path(run.checkpoint_dir),
-                who,
-                stale_after=stale_after,
-                fsync=fsync,
-                remove_foreign=remove_unknown,
-                dry_run=dry_run,
-                check_files=True,
-            )
+            if is_object_run(run.checkpoint_dir):
+                from ckptdb import objrecovery
+
+                store = run_store(run.checkpoint_dir)
+                if not force:
+                    require_directory(catalog, run, store)
+                rep.runs[name] = objrecovery.gc_object_run(
+                    catalog,
+                    run,
+                    store,
+                    who,
+                    stale_after=stale_after,
+                    dry_run=dry_run,
+                    remove_unknown=remove_unknown,
+                )
+            else:
+                if not force:
+                    require_directory(catalog, run, Path(run.checkpoint_dir))
+                rep.runs[name] = recover_run(
+                    catalog,
+                    run,
+                    Path(run.checkpoint_dir),
+                    who,
+                    stale_after=stale_after,
+                    fsync=fsync,
+                    remove_foreign=remove_unknown,
+                    dry_run=dry_run,
+                    check_files=True,
+                )
         except CheckpointDirUnavailableError as e:
             rep.refused[name] = str(e)
         except OSError as e:  # EIO, ENOSPC...: recovery is redone by the next gc (or open)

@@ -366,8 +366,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         select = args.step
     elif args.pin is not None:
         select = args.pin
-    _, sel = locate_model(source, run=args.run, select=select, metric=metric, lower_better=args.lower_better)
-    state_dict, card = load_model(source, run=args.run, select=sel.checkpoint.step_nr, verify=not args.no_verify)
+    run = args.run if args.run or not args.dir else _run_name(args)  # --dir: that directory's run
+    _, sel = locate_model(source, run=run, select=select, metric=metric, lower_better=args.lower_better)
+    state_dict, card = load_model(source, run=run, select=sel.checkpoint.step_nr, verify=not args.no_verify)
     tensors: dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
         if not isinstance(v, torch.Tensor):
@@ -503,6 +504,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         digest=not args.size_only,
         progress=bar if show_bar else None,
         force=args.force,
+        remote_checksum=args.remote_checksum,
     )
     if args.json:
         _print_json({"ok": report.ok, "checkpoints": [r.as_dict() for r in report.results]})
@@ -753,6 +755,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="only this step")
     p.add_argument("--all", action="store_true", help="also re-check checkpoints already marked corrupt or missing")
     p.add_argument("--size-only", action="store_true", help="compare sizes only (no re-hashing)")
+    p.add_argument(
+        "--remote-checksum",
+        action="store_true",
+        help="s3:// runs: compare the server's full-object checksums (one HEAD per object) instead of "
+        "downloading; objects without one are re-hashed",
+    )
     p.add_argument(
         "--force",
         action="store_true",

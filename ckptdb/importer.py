@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -49,6 +49,9 @@ from ckptdb.storage import layout
 from ckptdb.storage.hashing import DEFAULT_ALGORITHM, hash_file, new_hasher
 from ckptdb.storage.location import LocalLocation, Location, ObjectLocation, parse_location, require_shared_catalog
 from ckptdb.storage.store import open_store
+
+if TYPE_CHECKING:
+    from ckptdb.storage.objectstore import ObjectStore
 
 _RANK_RE = re.compile(r"^(?:rank_(\d+)(?:\.\d+)?\.pt|trainer/rank_(\d+)\.pt)$")
 
@@ -169,6 +172,76 @@ def scan(checkpoint_dir: Path) -> tuple[list[FoundStep], dict[str, str], list[st
     return steps, skipped, warnings
 
 
+def scan_objects(store: ObjectStore) -> tuple[list[FoundStep], dict[str, str], list[str]]:
+    """:func:`scan` for a fairseq2 directory on an object store (one flat listing; nothing is hashed).
+
+    fairseq2 writes ``step_<N>/`` objects in place there, with no rename to mark a step complete; each
+    object is whole (a PUT is atomic), but a step may lack objects when its writer died. A step whose
+    object names are a strict subset of what most steps hold is skipped as incomplete (one complete
+    step is not enough to tell, so with a single step nothing is skipped on that ground).
+    """
+    root = store.location.prefix + "/" if store.location.prefix else ""
+    by_dir: dict[str, list[tuple[str, int]]] = {}
+    scores_txt: dict[int, str] = {}
+    for key, size in store.client.list_objects(store.bucket, root):
+        rest = key[len(root) :]
+        top, _, rel = rest.partition("/")
+        if top == "scores" and rel.startswith("step_") and rel.endswith(".txt"):
+            step = layout.parse_step_dir(rel[: -len(".txt")])
+            if step is not None:
+                scores_txt[step] = key
+        if rel and top.startswith("step_"):
+            by_dir.setdefault(top, []).append((rel, size))
+    steps: list[FoundStep] = []
+    skipped: dict[str, str] = {}
+    warnings: list[str] = []
+    for name, files in sorted(by_dir.items()):
+        step = layout.parse_step_dir(name)
+        if step is None:
+            skipped[name] = "unfinished or ckptdb work directory"
+            continue
+        if any(rel == layout.TOKEN_FILE for rel, _ in files):
+            skipped[name] = "written by ckptdb (has a .ckptdb_token): already in some catalog"
+            continue
+        scores: dict[str, float] = {}
+        score_key = store.key(name, layout.SCORE_FILE) if any(r == layout.SCORE_FILE for r, _ in files) else None
+        for obj in (score_key, scores_txt.get(step)):
+            if obj is None:
+                continue
+            value = _parse_score(
+                bytes(store.client.read_bytes(store.bucket, obj)), f"s3://{store.bucket}/{obj}", warnings
+            )
+            if value is not None:
+                scores["score"] = value
+                break
+        steps.append(FoundStep(step, sorted(files), scores, datetime.now(timezone.utc)))
+    shapes = [frozenset(rel for rel, _ in s.files if rel != layout.SCORE_FILE) for s in steps]  # scores optional
+    if len(steps) > 1:
+        common = max(set(shapes), key=shapes.count)
+        kept = []
+        for s, shape in zip(steps, shapes, strict=True):
+            if shape < common:
+                missing = sorted(common - shape)
+                skipped[layout.step_dir_name(s.step_nr)] = (
+                    f"incomplete: lacks {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''} "
+                    "that the other steps hold (a writer that died mid-save?)"
+                )
+            else:
+                kept.append(s)
+        steps = kept
+    steps.sort(key=lambda s: s.step_nr)
+    return steps, skipped, warnings
+
+
+def _parse_score(data: bytes, where: str, warnings: list[str]) -> float | None:
+    text = data.decode(errors="replace").strip()
+    try:
+        return float(text.splitlines()[0])
+    except (ValueError, IndexError):
+        warnings.append(f"{where}: score {text[:40]!r} is not a number; not recorded")
+        return None
+
+
 def _read_metadata(step_dir: Path, found: FoundStep, warnings: list[str]) -> dict[str, Any] | None:
     """fairseq2's ``metadata.pt`` as JSON for the catalog (weights-only load; anything else is skipped)."""
     from ckptdb.commit import jsonable
@@ -209,25 +282,28 @@ def import_directory(
     from ckptdb.manager import default_run_name
 
     loc = parse_location(checkpoint_dir)
+    new_hasher(hash_algorithm)
+    source: _Source
     if isinstance(loc, ObjectLocation):
         require_shared_catalog(loc, url)
-        open_store(loc)  # the object store's importer is not wired in yet: raises
-    assert isinstance(loc, LocalLocation)
-    d = loc.path
-    if not d.is_dir():
-        raise InvalidArgumentError(f"{str(d)!r} is not a directory")
-    new_hasher(hash_algorithm)
+        source = _ObjectSource(loc)
+    else:
+        assert isinstance(loc, LocalLocation)
+        if not loc.path.is_dir():
+            raise InvalidArgumentError(f"{str(loc.path)!r} is not a directory")
+        source = _LocalSource(loc.path)
+    d = source.name
     run_name = validation.name(run if run is not None else default_run_name(d), "run")
-    steps, skipped, warnings = scan(d)
+    steps, skipped, warnings = source.scan()
     _hooks.hook("import.after_scan")
-    report = ImportReport(run_name, str(d), dry_run, skipped=skipped, warnings=warnings)
-    meta_path = d / layout.MODEL_METADATA_FILE
-    if meta_path.is_file():
+    report = ImportReport(run_name, d, dry_run, skipped=skipped, warnings=warnings)
+    meta_text = source.model_yaml()
+    if meta_text is not None:
         try:
-            loaded = yaml.safe_load(meta_path.read_text())
+            loaded = yaml.safe_load(meta_text)
             report.model_metadata = loaded if isinstance(loaded, dict) else None
         except yaml.YAMLError as e:
-            warnings.append(f"{meta_path}: not valid YAML ({e}); model metadata not recorded")
+            warnings.append(f"{d}/{layout.MODEL_METADATA_FILE}: not valid YAML ({e}); model metadata not recorded")
 
     catalog = open_existing(url) if dry_run else Catalog(url)
     known: set[int] = set()
@@ -238,12 +314,12 @@ def import_directory(
                 info = catalog.get_run(run_name)
             except LookupError:
                 info = None
-            if info is not None and info.checkpoint_dir != str(d):
+            if info is not None and info.checkpoint_dir != d:
                 raise InvalidArgumentError(
                     f"run {run_name!r} already exists with checkpoint_dir {info.checkpoint_dir!r}; pass --run"
                 )
         else:
-            info = catalog.ensure_run(run_name, str(d))
+            info = catalog.ensure_run(run_name, d)
         if info is not None:
             run_id = info.id
             for c in catalog.checkpoints(info.id, with_scores=False):
@@ -269,14 +345,9 @@ def import_directory(
             report.steps.append(found)
             continue
         assert catalog is not None and run_id is not None
-        # the same validation loads use: what is recorded here must resolve inside step_<N>/
-        step_dir = layout.step_path(d, found.step_nr, layout.step_dir_name(found.step_nr))
-        shards = []
-        for rel, _ in found.files:
-            size, digest = hash_file(layout.shard_path(step_dir, rel, found.step_nr), hash_algorithm)
-            shards.append(ShardInfo(rel, size, hash_algorithm, digest, _rank(rel), file_kind(rel)))
+        shards = source.hash_step(found, hash_algorithm)
         try:
-            user_metadata = _read_metadata(step_dir, found, report.warnings)
+            user_metadata = source.metadata(found, report.warnings)
             _hooks.hook("import.before_adopt")
             catalog.adopt(
                 run_id,
@@ -300,4 +371,97 @@ def import_directory(
     return report
 
 
-__all__ = ["FoundStep", "ImportReport", "file_kind", "import_directory", "scan"]
+class _Source:
+    """Where the fairseq2 directory lives: a local directory or an object-store prefix."""
+
+    name: str  # the run's checkpoint_dir in the catalog
+
+    def scan(self) -> tuple[list[FoundStep], dict[str, str], list[str]]:
+        raise NotImplementedError
+
+    def model_yaml(self) -> str | None:
+        raise NotImplementedError
+
+    def hash_step(self, found: FoundStep, algorithm: str) -> list[ShardInfo]:
+        raise NotImplementedError
+
+    def metadata(self, found: FoundStep, warnings: list[str]) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+
+class _LocalSource(_Source):
+    def __init__(self, d: Path) -> None:
+        self.d = d
+        self.name = str(d)
+
+    def scan(self) -> tuple[list[FoundStep], dict[str, str], list[str]]:
+        return scan(self.d)
+
+    def model_yaml(self) -> str | None:
+        p = self.d / layout.MODEL_METADATA_FILE
+        return p.read_text() if p.is_file() else None
+
+    def _step_dir(self, found: FoundStep) -> Path:
+        # the same validation loads use: what is recorded here must resolve inside step_<N>/
+        return layout.step_path(self.d, found.step_nr, layout.step_dir_name(found.step_nr))
+
+    def hash_step(self, found: FoundStep, algorithm: str) -> list[ShardInfo]:
+        step_dir = self._step_dir(found)
+        shards = []
+        for rel, _ in found.files:
+            size, digest = hash_file(layout.shard_path(step_dir, rel, found.step_nr), algorithm)
+            shards.append(ShardInfo(rel, size, algorithm, digest, _rank(rel), file_kind(rel)))
+        return shards
+
+    def metadata(self, found: FoundStep, warnings: list[str]) -> dict[str, Any] | None:
+        return _read_metadata(self._step_dir(found), found, warnings)
+
+
+class _ObjectSource(_Source):
+    """A fairseq2 directory under ``s3://bucket/prefix``: every object streamed through the hash (parallel
+    ranged GETs, no temporary file); the server's full-object checksum is recorded when it keeps one."""
+
+    def __init__(self, loc: ObjectLocation) -> None:
+        store = open_store(loc, object_store=True)
+        from ckptdb.storage.objectstore import ObjectStore
+
+        assert isinstance(store, ObjectStore)
+        store.ensure_root()  # a missing bucket or wrong credentials: a clear error before anything else
+        self.store = store
+        self.name = store.url
+
+    def scan(self) -> tuple[list[FoundStep], dict[str, str], list[str]]:
+        return scan_objects(self.store)
+
+    def model_yaml(self) -> str | None:
+        key = self.store.location.key(layout.MODEL_METADATA_FILE)
+        if self.store.client.head(self.store.bucket, key) is None:
+            return None
+        return bytes(self.store.client.read_bytes(self.store.bucket, key)).decode(errors="replace")
+
+    def hash_step(self, found: FoundStep, algorithm: str) -> list[ShardInfo]:
+        name = layout.step_dir_name(found.step_nr)
+        shards = []
+        for rel, _ in found.files:
+            layout.check_relpath(rel, found.step_nr)
+            meta = self.store.stat(name, rel)
+            size, digest = self.store.hash_file(name, rel, algorithm)
+            checksum = meta.checksum if meta is not None and meta.size == size else None
+            shards.append(ShardInfo(rel, size, algorithm, digest, _rank(rel), file_kind(rel), remote_checksum=checksum))
+        return shards
+
+    def metadata(self, found: FoundStep, warnings: list[str]) -> dict[str, Any] | None:
+        from ckptdb.commit import jsonable
+
+        if not any(p == layout.METADATA_FILE for p, _ in found.files):
+            return None
+        name = layout.step_dir_name(found.step_nr)
+        try:
+            data = self.store.load_torch(name, layout.METADATA_FILE, found.step_nr, mmap=False)
+        except CheckpointError as e:
+            warnings.append(f"{self.store.describe(name, layout.METADATA_FILE)}: not recorded in the catalog ({e})")
+            return None
+        return jsonable(data) if isinstance(data, dict) else None
+
+
+__all__ = ["FoundStep", "ImportReport", "file_kind", "import_directory", "scan", "scan_objects"]

@@ -28,10 +28,10 @@ from ckptdb.errors import (
     InvalidArgumentError,
     UnsupportedCheckpointError,
 )
+from ckptdb.runstore import is_object_run, run_store
 from ckptdb.storage import layout
 from ckptdb.storage.location import LocalLocation, ObjectLocation, parse_location, require_shared_catalog, url_scheme
 from ckptdb.storage.reader import check_file, load_torch
-from ckptdb.storage.store import open_store
 from ckptdb.storage.writer import FileRecord
 
 log = logging.getLogger("ckptdb.loader")
@@ -70,9 +70,10 @@ def _open(source: str | Path, run: str | None) -> tuple[Catalog, RunInfo]:
             return catalog, only
         return catalog, catalog.get_run(run)
     loc = parse_location(text, what="source")
-    if isinstance(loc, ObjectLocation):
+    if isinstance(loc, ObjectLocation):  # the shared catalog names it; no catalog lives in a bucket
         require_shared_catalog(loc, os.environ.get("CKPTDB_URL"))
-        open_store(loc)  # loading from object storage is not wired in yet: raises
+        catalog = Catalog(os.environ["CKPTDB_URL"], create=False)
+        return catalog, catalog.get_run(run if run is not None else default_run_name(loc.url))
     assert isinstance(loc, LocalLocation)
     d = loc.path
     if not d.is_dir():
@@ -174,7 +175,8 @@ def load_model(
     """Load a run's model state dict and its ``model.yaml`` metadata.
 
     Args:
-        source: a checkpoint directory (its own SQLite catalog, or ``CKPTDB_URL``) or a catalog URL.
+        source: a checkpoint directory (its own SQLite catalog, or ``CKPTDB_URL``), an ``s3://`` run
+            (its catalog from ``CKPTDB_URL``; the server from the AWS environment) or a catalog URL.
         run: the run's name. Default: the directory's run, or the catalog's only run.
         select: ``"last"`` (newest committed), ``"best"`` (by ``metric``), a pin label, or a step number.
         metric, lower_better: how ``"best"`` ranks (finite scores only; ties go to the later step).
@@ -191,6 +193,9 @@ def load_model(
     """
     catalog, sel = locate_model(source, run=run, select=select, metric=metric, lower_better=lower_better)
     m = sel.model_file
+    if is_object_run(sel.run.checkpoint_dir):
+        payload = _load_object_model(catalog, sel, verify=verify)
+        return _model_entry(sel, payload), sel.run.model_metadata
     try:
         step_dir = layout.step_path(Path(sel.run.checkpoint_dir), sel.checkpoint.step_nr, sel.checkpoint.directory)
         if verify:
@@ -203,12 +208,39 @@ def load_model(
             gone = (
                 e.missing and not (Path(sel.run.checkpoint_dir) / layout.step_dir_name(sel.checkpoint.step_nr)).exists()
             )
-            state = State.MISSING if gone else State.CORRUPT
-            try:
-                catalog.mark_damaged(sel.checkpoint.id, state, f"load_model: {e}", (_proc.hostname(), os.getpid()))
-            except CheckpointError as err:
-                log.warning("ckptdb: could not record damage of step %d: %s", sel.checkpoint.step_nr, err)
+            _mark(catalog, sel, State.MISSING if gone else State.CORRUPT, e)
         raise
+    return _model_entry(sel, payload), sel.run.model_metadata
+
+
+def _mark(catalog: Catalog, sel: Selected, state: State, e: CheckpointCorruptError) -> None:
+    try:
+        catalog.mark_damaged(sel.checkpoint.id, state, f"load_model: {e}", (_proc.hostname(), os.getpid()))
+    except CheckpointError as err:
+        log.warning("ckptdb: could not record damage of step %d: %s", sel.checkpoint.step_nr, err)
+
+
+def _load_object_model(catalog: Catalog, sel: Selected, *, verify: bool) -> Any:
+    """The model file of an ``s3://`` run: parallel ranged GETs into memory, the digest checked on the
+    bytes fetched (one download), then a weights-only ``torch.load``; damage is recorded as on a local run."""
+    c, m = sel.checkpoint, sel.model_file
+    store = run_store(sel.run.checkpoint_dir)
+    try:
+        directory = store.check_directory(c.step_nr, c.directory)
+        rec = FileRecord(m.path, m.size_bytes, m.hash_algorithm, m.digest, checksum=m.remote_checksum)
+        if not verify:
+            store.check_files(directory, [rec], c.step_nr, digest=False)  # sizes only (one HEAD)
+            return store.load_torch(directory, m.path, c.step_nr)
+        return store.load_torch(directory, m.path, c.step_nr, expect=rec)  # digest of the bytes fetched
+    except CheckpointCorruptError as e:
+        if c.state == State.COMMITTED.value:
+            gone = e.missing and not store.exists(c.directory)
+            _mark(catalog, sel, State.MISSING if gone else State.CORRUPT, e)
+        raise
+
+
+def _model_entry(sel: Selected, payload: Any) -> dict[str, Any]:
+    m = sel.model_file
     if not isinstance(payload, dict):
         raise CheckpointCorruptError(sel.checkpoint.step_nr, m.path, "a dict", type(payload).__name__)
     if m.path == _HEAD_SINGLE_SHARD:
@@ -220,7 +252,7 @@ def load_model(
                 sel.checkpoint.step_nr, m.path, f"a {key!r} entry", ", ".join(map(str, payload))
             )
         state_dict = payload[key]
-    return dict(state_dict), sel.run.model_metadata
+    return dict(state_dict)
 
 
 __all__ = ["Selected", "load_model", "locate_model", "select_checkpoint"]

@@ -66,8 +66,11 @@ def recover_object_run(
                 rep.unsafe_paths.append(str(e))
                 continue
         rep.deletions_finished.append(c.step_nr)
+    # the listing first, the catalog's tokens after it: a writer inserts its pending row before its first
+    # upload, so every prefix listed here has its row in that read (never taken for foreign)
+    names = sorted(store.list_entries())
     rows = catalog.tokens(run.id)
-    for name in sorted(store.list_entries()):
+    for name in names:
         token = store.owner(name)
         row = rows.get(token) if token is not None else None
         if row is None:
@@ -93,7 +96,15 @@ def finish_delete(catalog: Catalog, c: CheckpointInfo, store: Store, who: tuple[
 
 
 def apply_policy(
-    catalog: Catalog, run: RunInfo, store: Store, policy: Any, who: tuple[str, int], *, preserve_model: bool
+    catalog: Catalog,
+    run: RunInfo,
+    store: Store,
+    policy: Any,
+    who: tuple[str, int],
+    *,
+    preserve_model: bool,
+    progress: Any = None,
+    failed: dict[int, str] | None = None,
 ) -> list[int]:
     """Retention on an object store: size-check what the policy keeps (HEAD per object; a damaged one is
     marked and does not count as kept), claim in one transaction, then delete each claimed checkpoint."""
@@ -103,7 +114,73 @@ def apply_policy(
         pass
     from ckptdb import cleanup
 
-    return cleanup.apply_policy(catalog, run, store, policy, who, preserve_model=preserve_model)
+    return cleanup.apply_policy(
+        catalog, run, store, policy, who, preserve_model=preserve_model, progress=progress, failed=failed
+    )
+
+
+def gc_object_run(
+    catalog: Catalog,
+    run: RunInfo,
+    store: Store,
+    who: tuple[str, int],
+    *,
+    stale_after: timedelta = timedelta(hours=2),
+    dry_run: bool = False,
+    remove_unknown: bool = False,
+) -> RecoveryReport:
+    """``ckptdb gc`` on an object-store run: :func:`recover_object_run`, then
+
+    * committed checkpoints with an object gone are marked ``missing`` (one HEAD per object; never
+      while an overwrite or deletion of the step is under way); resized or altered objects are
+      ``verify``'s finding, as on a local run;
+    * ``missing`` checkpoints whose objects are back and re-hash to the catalog's digests are
+      committed again (``healed``);
+    * with ``remove_unknown``, prefixes the catalog does not know are removed. The catalog's tokens are
+      read AFTER the listing: a writer inserts its pending row before its first upload, so a prefix
+      listed before that read whose token is still unknown belongs to no writer of this catalog.
+    """
+    from ckptdb.verify import _busy, check_object_files
+
+    rep = recover_object_run(catalog, run, store, who, stale_after=stale_after, dry_run=dry_run)
+    for c in catalog.in_states(run.id, [State.COMMITTED]):
+        try:
+            directory = store.check_directory(c.step_nr, c.directory)
+        except CheckpointCorruptError as e:  # never followed
+            rep.unsafe_paths.append(str(e))
+            if not dry_run:
+                catalog.mark_damaged(c.id, State.CORRUPT, f"gc: {e}", who)
+            continue
+        problems, _, _, _ = check_object_files(store, directory, catalog.shards(c.id), digest=False)
+        gone = [p.path for p in problems if p.problem == "missing"]
+        if not gone or c.step_nr in rep.marked_missing or _busy(catalog, run, c) is not None:
+            continue  # resized objects are verify's finding; gc reports what vanished
+        _hooks.hook("gc.before_mark_missing")
+        if dry_run or catalog.mark_damaged(c.id, State.MISSING, f"gc: objects vanished: {', '.join(gone[:5])}", who):
+            rep.marked_missing.append(c.step_nr)
+    for c in catalog.in_states(run.id, [State.MISSING]):
+        try:
+            directory = store.check_directory(c.step_nr, c.directory)
+        except CheckpointCorruptError:
+            continue
+        if not store.exists(directory):
+            continue
+        problems, _, _, _ = check_object_files(store, directory, catalog.shards(c.id), digest=True)
+        if any(p.problem != "extra" for p in problems):
+            continue
+        if dry_run or catalog.mark_intact(c.id, "gc: every object matches the catalog again", who):
+            rep.healed.append(c.step_nr)
+    if remove_unknown and rep.foreign:
+        listed = set(rep.foreign)
+        known = {r.directory for r in catalog.tokens(run.id).values()}
+        tokens = set(catalog.tokens(run.id))
+        for name in sorted(listed):
+            if name in known or store.owner(name) in tokens:
+                continue  # a writer that began after the listing: not foreign
+            if not dry_run:
+                store.remove_tree(name)
+            rep.removed.append(name)
+    return rep
 
 
 def _mark_damaged_by_size(
@@ -127,4 +204,4 @@ def _mark_damaged_by_size(
     return marked
 
 
-__all__ = ["apply_policy", "finish_delete", "recover_object_run"]
+__all__ = ["apply_policy", "finish_delete", "gc_object_run", "recover_object_run"]

@@ -38,8 +38,10 @@ from ckptdb import _hooks, _proc
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo, ShardInfo
 from ckptdb.catalog.models import State
 from ckptdb.errors import CheckpointCorruptError, CheckpointDirUnavailableError
+from ckptdb.runstore import is_object_run, local_dir, run_store
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import hash_file
+from ckptdb.storage.store import Store
 
 OK = "ok"
 EXTRA = "extra"
@@ -52,7 +54,8 @@ ProgressFn = Callable[[int], None]
 
 @dataclass(frozen=True, slots=True)
 class FileProblem:
-    """One bad file. ``problem``: ``missing`` | ``size`` | ``digest`` | ``unreadable`` | ``unsafe`` | ``extra``.
+    """One bad file. ``problem``: ``missing`` | ``size`` | ``digest`` | ``checksum`` | ``unreadable`` | ``unsafe`` |
+    ``extra``. ``checksum``: the object store's full-object checksum differs from the one recorded at the upload.
 
     ``unsafe``: the catalog's path leads outside the step directory (never followed).
     """
@@ -231,10 +234,78 @@ def check_files(
     return problems, checked, hashed
 
 
+def check_object_files(
+    store: Any,
+    directory: str,
+    shards: Iterable[ShardInfo],
+    *,
+    digest: bool = True,
+    remote_checksum: bool = False,
+    progress: ProgressFn | None = None,
+) -> tuple[list[FileProblem], int, int, int]:
+    """:func:`check_files` for a step on an object store (``store``: an ``ObjectStore``).
+
+    One HEAD per object gives its size and the server's full-object checksum, compared with the shard
+    row's ``size_bytes`` and ``remote_checksum``. With ``digest`` the object is then streamed through
+    the row's hash (parallel ranged GETs, no temporary file) -- except with ``remote_checksum``, where
+    a matching server checksum stands for the bytes and nothing is downloaded; objects without a
+    recorded or a server checksum are re-hashed. Objects under the step's prefix that the catalog
+    does not know come back as ``extra``.
+
+    Returns (problems, objects checked, bytes hashed, objects judged by the server's checksum alone).
+    """
+    problems: list[FileProblem] = []
+    checked = hashed = by_checksum = 0
+    known: set[str] = set()
+    for s in shards:
+        known.add(s.path)
+        checked += 1
+        try:
+            layout.check_relpath(s.path, 0)
+        except CheckpointCorruptError as e:
+            problems.append(FileProblem(s.path, "unsafe", "a path inside the step directory", e.actual))
+            continue
+        meta = store.stat(directory, s.path)  # a failed request (after retries) raises: never judged as damage
+        if meta is None:
+            problems.append(FileProblem(s.path, "missing", f"{s.size_bytes} bytes", None))
+            continue
+        if meta.size != s.size_bytes:
+            problems.append(FileProblem(s.path, "size", f"{s.size_bytes} bytes", f"{meta.size} bytes"))
+            if progress is not None:
+                progress(s.size_bytes)
+            continue
+        if s.remote_checksum and meta.checksum and s.remote_checksum != meta.checksum:
+            problems.append(FileProblem(s.path, "checksum", s.remote_checksum, f"{meta.checksum} (the server's)"))
+            if progress is not None:
+                progress(s.size_bytes)
+            continue
+        if not digest:
+            continue
+        if remote_checksum and s.remote_checksum and meta.checksum:
+            by_checksum += 1
+            if progress is not None:
+                progress(s.size_bytes)
+            continue
+        try:
+            _, actual = store.hash_file(directory, s.path, s.hash_algorithm, progress)
+        except FileNotFoundError:  # deleted between the HEAD and the GET
+            problems.append(FileProblem(s.path, "missing", f"{s.size_bytes} bytes", None))
+            continue
+        hashed += s.size_bytes
+        if actual != s.digest:
+            problems.append(
+                FileProblem(s.path, "digest", f"{s.hash_algorithm}:{s.digest}", f"{s.hash_algorithm}:{actual}")
+            )
+    for rel, size in sorted(store.list_files(directory).items()):
+        if rel not in known and rel != layout.TOKEN_FILE:
+            problems.append(FileProblem(rel, "extra", None, f"{size} bytes"))
+    return problems, checked, hashed, by_checksum
+
+
 def classify(problems: Iterable[FileProblem]) -> str:
     """``corrupt`` beats ``missing`` beats ``extra`` beats ``ok``."""
     kinds = {p.problem for p in problems}
-    if kinds & {"size", "digest", "unreadable", "unsafe"}:
+    if kinds & {"size", "digest", "checksum", "unreadable", "unsafe"}:
         return CORRUPT
     if "missing" in kinds:
         return MISSING
@@ -271,7 +342,8 @@ def _busy(catalog: Catalog, run: RunInfo, info: CheckpointInfo) -> str | None:
         return "being deleted"
     from ckptdb.recovery import set_aside_copy
 
-    aside = set_aside_copy(Path(run.checkpoint_dir), now)
+    local = local_dir(run.checkpoint_dir)  # nothing is ever set aside on an object store
+    aside = set_aside_copy(local, now) if local is not None else None
     if aside is not None:  # never damage: an overwrite set the copy aside and did not finish
         return f"its copy is set aside in {aside.name} (the next open or `ckptdb gc` moves it back)"
     pending = [c for c in catalog.in_states(run.id, [State.PENDING]) if c.step_nr == info.step_nr]
@@ -289,9 +361,35 @@ def verify_one(
     record: bool = True,
     progress: ProgressFn | None = None,
     who: tuple[str, int] | None = None,
+    remote_checksum: bool = False,
+    store: Store | None = None,
 ) -> CheckpointResult:
-    """Verify one checkpoint and record the outcome in the catalog (``record=False``: only report)."""
+    """Verify one checkpoint and record the outcome in the catalog (``record=False``: only report).
+
+    ``remote_checksum``: on an object store, trust a matching server checksum instead of downloading
+    (see :func:`check_object_files`). ``store``: the run's store, when the caller has it open.
+    """
     shards = catalog.shards(info.id)
+    note = ""
+    if is_object_run(run.checkpoint_dir):
+        store = store if store is not None else run_store(run.checkpoint_dir)
+        try:
+            directory = store.check_directory(info.step_nr, info.directory)
+        except CheckpointCorruptError as e:
+            step_dir_s = f"{store.url}/{info.directory}"
+            problems, checked, hashed = [FileProblem(info.directory, "unsafe", e.expected, e.actual)], 0, 0
+        else:
+            step_dir_s = store.describe(directory)
+            problems, checked, hashed, trusted = check_object_files(
+                store, directory, shards, digest=digest, remote_checksum=remote_checksum, progress=progress
+            )
+            if trusted:
+                note = f"{trusted} object(s) judged by the server's checksum, not downloaded"
+        result = classify(problems)
+        _hooks.hook("verify.after_hash")
+        return _record(catalog, run, info, step_dir_s, result, problems, checked, hashed, record, who, note)
+    if remote_checksum:
+        note = "a local run has no server checksums: every file was re-hashed"
     try:
         step_dir = layout.step_path(Path(run.checkpoint_dir), info.step_nr, info.directory)
     except CheckpointCorruptError as e:  # the row's directory leads elsewhere: judged without a look
@@ -304,13 +402,29 @@ def verify_one(
         _hooks.hook("verify.after_hash")
         if not step_dir.exists() and shards:
             result = MISSING
+    return _record(catalog, run, info, str(step_dir), result, problems, checked, hashed, record, who, note)
+
+
+def _record(
+    catalog: Catalog,
+    run: RunInfo,
+    info: CheckpointInfo,
+    step_dir: str,
+    result: str,
+    problems: list[FileProblem],
+    checked: int,
+    hashed: int,
+    record: bool,
+    who: tuple[str, int] | None,
+    note: str,
+) -> CheckpointResult:
+    """Judge ``result`` (never while an overwrite or delete is under way) and record it on the row."""
     state_after = info.state
-    note = ""
     if result in (CORRUPT, MISSING):
         reason = _busy(catalog, run, info)
         if reason is not None:
             st = info.state
-            return CheckpointResult(run.name, info.step_nr, info.id, str(step_dir), st, st, BUSY, 0, 0, (), reason)
+            return CheckpointResult(run.name, info.step_nr, info.id, step_dir, st, st, BUSY, 0, 0, (), reason)
     if record:
         who = who or (_proc.hostname(), os.getpid())
         if result in (CORRUPT, MISSING):
@@ -325,7 +439,7 @@ def verify_one(
                     state_after = State.COMMITTED.value
             catalog.record_verified(info.id, result)
     return CheckpointResult(
-        run.name, info.step_nr, info.id, str(step_dir), info.state, state_after, result, checked, hashed,
+        run.name, info.step_nr, info.id, step_dir, info.state, state_after, result, checked, hashed,
         tuple(problems), note,
     )  # fmt: skip
 
@@ -341,6 +455,7 @@ def verify(
     progress_stream: IO[str] | None = None,
     force: bool = False,
     progress: Callable[[int], ProgressBar] | None = None,
+    remote_checksum: bool = False,
 ) -> VerifyReport:
     """Verify the selected checkpoints (every run's committed ones by default).
 
@@ -357,15 +472,21 @@ def verify(
             than every checkpoint lost).
         progress: makes the progress bar, given the total bytes to read (e.g. the CLI's rich bar);
             takes precedence over ``progress_stream``.
+        remote_checksum: on ``s3://`` runs, compare each object's full-object checksum kept by the
+            server (one HEAD) with the one recorded at the upload, and download only the objects for
+            which either is absent; local runs are re-hashed as without it (they have no server checksum).
 
     Raises:
         CheckpointDirUnavailableError: a selected run's directory is absent or holds none of its
             committed checkpoints (and not ``force``); nothing was changed.
     """
     chosen = select(catalog, run=run, step_nr=step_nr, include_damaged=include_damaged)
-    if not force:
-        for r in {r.id: r for r, _ in chosen}.values():
-            require_directory(catalog, r, Path(r.checkpoint_dir))
+    stores: dict[int, Store] = {}
+    for r in {r.id: r for r, _ in chosen}.values():
+        if is_object_run(r.checkpoint_dir):
+            stores[r.id] = run_store(r.checkpoint_dir)
+        if not force:
+            require_directory(catalog, r, stores.get(r.id) or Path(r.checkpoint_dir))
     bar: ProgressBar | None = None
     total = sum(c.total_bytes or 0 for _, c in chosen)
     if progress is not None:
@@ -377,14 +498,25 @@ def verify(
         for r, c in chosen:
             if bar is not None:
                 bar.set_label(f"{r.name[-24:]} step {c.step_nr}")
-            report.results.append(verify_one(catalog, r, c, digest=digest, record=record, progress=bar))
+            report.results.append(
+                verify_one(
+                    catalog,
+                    r,
+                    c,
+                    digest=digest,
+                    record=record,
+                    progress=bar,
+                    remote_checksum=remote_checksum,
+                    store=stores.get(r.id),
+                )
+            )
     finally:
         if bar is not None:
             bar.close()
     return report
 
 
-def directory_unavailable(catalog: Catalog, run: RunInfo, checkpoint_dir: Path) -> str | None:
+def directory_unavailable(catalog: Catalog, run: RunInfo, checkpoint_dir: Path | Store) -> str | None:
     """Why ``checkpoint_dir`` cannot be judged now, or None.
 
     When the run has committed checkpoints but its directory is absent, or holds none of them
@@ -397,6 +529,10 @@ def directory_unavailable(catalog: Catalog, run: RunInfo, checkpoint_dir: Path) 
     directories = {c.directory for c in rows}  # `step_<N>`, or `checkpoint-<N>` for HF Trainer runs
     if not committed:
         return None
+    if isinstance(checkpoint_dir, Store):
+        if checkpoint_dir.local_root is None:
+            return _prefix_unavailable(run, checkpoint_dir, committed, directories)
+        checkpoint_dir = checkpoint_dir.local_root
     what = f"run {run.name!r}: the catalog has {len(committed)} committed checkpoint(s), but {str(checkpoint_dir)!r}"
     if not checkpoint_dir.is_dir():
         return f"{what} does not exist (not mounted?)"
@@ -416,7 +552,21 @@ def directory_unavailable(catalog: Catalog, run: RunInfo, checkpoint_dir: Path) 
     return f"{what} holds none of them (an empty mount point?)"
 
 
-def require_directory(catalog: Catalog, run: RunInfo, checkpoint_dir: Path) -> None:
+def _prefix_unavailable(run: RunInfo, store: Store, committed: set[int], directories: set[str]) -> str | None:
+    """:func:`directory_unavailable` on an object store: the bucket must answer (a missing bucket or
+    wrong credentials raise ``ObjectStoreError`` naming them), and the prefix must hold at least one
+    committed checkpoint's objects (else: a wrong endpoint, bucket or prefix far more often than loss)."""
+    store.ensure_root()
+    names = set(store.list_entries())
+    if names & directories:
+        return None
+    return (
+        f"run {run.name!r}: the catalog has {len(committed)} committed checkpoint(s), but {store.url} "
+        "holds none of them (another endpoint or account? check AWS_ENDPOINT_URL / the profile)"
+    )
+
+
+def require_directory(catalog: Catalog, run: RunInfo, checkpoint_dir: Path | Store) -> None:
     """Raise :class:`CheckpointDirUnavailableError` when :func:`directory_unavailable` says so."""
     why = directory_unavailable(catalog, run, checkpoint_dir)
     if why is not None:
@@ -424,7 +574,7 @@ def require_directory(catalog: Catalog, run: RunInfo, checkpoint_dir: Path) -> N
             f"{why}; refusing to judge its files (nothing was changed): mount it or restore it, "
             "or pass --force if every checkpoint is really gone",
             run=run.name,
-            checkpoint_dir=str(checkpoint_dir),
+            checkpoint_dir=str(checkpoint_dir.url if isinstance(checkpoint_dir, Store) else checkpoint_dir),
         )
 
 
@@ -469,6 +619,7 @@ __all__ = [
     "Progress",
     "VerifyReport",
     "check_files",
+    "check_object_files",
     "classify",
     "directory_unavailable",
     "intact_sizes",

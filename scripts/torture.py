@@ -19,6 +19,12 @@ Usage::
     python scripts/torture.py --kills 200 --dir /tmp/t1                        # SQLite in DIR
     python scripts/torture.py --kills 200 --dir /tmp/t2 --fresh-db \
         --url postgresql+psycopg://postgres@127.0.0.1/postgres     # a new PostgreSQL database
+    python scripts/torture.py --kills 100 --dir /tmp/t3 --s3 seaweedfs   # payload on S3, catalog in DIR
+
+With ``--s3 seaweedfs`` (or ``moto``) the script starts that server on loopback, and the run's payload
+lives in ``s3://<new bucket>/torture`` (``--dir`` then holds only the journals and the SQLite catalog).
+On S3, "debris" is any ``step_<N>.<token>/`` prefix that no committed row (or preserved model) owns,
+and any incomplete multipart upload left under the run's prefix.
 
 Exit status 0 when there were no violations. The last line is machine-readable JSON.
 """
@@ -89,7 +95,7 @@ class Journal:
         os.fsync(self.fd)
 
 
-def writer(directory: Path, url: str, journal_path: Path, seed: int) -> None:
+def writer(directory: Path | str, url: str, journal_path: Path, seed: int) -> None:
     """Loop forever over random operations, journaling each intention and outcome."""
     rng = random.Random(seed)
     j = Journal(journal_path)
@@ -223,16 +229,29 @@ def wait_for_dead_sessions(url: str) -> bool:
     return seen
 
 
-def check(directory: Path, url: str, model: Model, records: list[dict[str, Any]]) -> list[str]:
+def check(directory: Path | str, url: str, model: Model, records: list[dict[str, Any]]) -> list[str]:
     """Reopen (recovery runs) and check the invariants; update ``model`` with what was observed."""
     v: list[str] = []
     open_save, deleting = model.replay(records)
     m = FileCheckpointManager(directory, catalog=url, run=RUN, load_options=LoadOptions(fallback=False))
-    names = sorted(p.name for p in directory.iterdir())
-    debris = [n for n in names if any(k in n for k in (".tmp-", ".old-", ".trash-"))]
+    rows = m.get_checkpoints()
+    if isinstance(directory, Path):
+        names = sorted(p.name for p in directory.iterdir())
+        debris = [n for n in names if any(k in n for k in (".tmp-", ".old-", ".trash-"))]
+    else:  # an object store: every listed prefix must belong to a live row; no upload may be left
+        store: Any = m.store
+        names = store.list_entries()
+        owned = {
+            c.directory
+            for c in rows
+            if c.state == State.COMMITTED.value or (c.state == State.DELETED.value and c.model_preserved)
+        }
+        debris = [n for n in names if n not in owned]
+        root = store.location.prefix + "/"
+        debris += [f"incomplete upload {k}" for k in store.client.list_uploads(store.bucket, root)]
+        names = [f"step_{c.step_nr}" for c in rows if c.directory in names and c.directory in owned]
     if debris:
         v.append(f"debris after recovery: {debris}")
-    rows = m.get_checkpoints()
     pending = [c.step_nr for c in rows if c.state == State.PENDING.value]
     if pending:
         v.append(f"pending rows after recovery: {pending}")
@@ -300,10 +319,10 @@ def kill_point(records: list[dict[str, Any]]) -> str:
     return "between operations"
 
 
-def spawn(args: argparse.Namespace, journal: Path, seed: int) -> int:
+def spawn(args: argparse.Namespace, target: Path | str, journal: Path, seed: int) -> int:
     """Start the writer; returns its pid."""
     if args.exec:
-        cmd = [sys.executable, __file__, "--child", "--dir", str(args.dir), "--url", args.url]
+        cmd = [sys.executable, __file__, "--child", "--dir", str(args.dir), "--target", str(target), "--url", args.url]
         cmd += ["--journal", str(journal), "--seed", str(seed)]
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
     pid = os.fork()
@@ -314,7 +333,7 @@ def spawn(args: argparse.Namespace, journal: Path, seed: int) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
-            writer(args.dir, args.url, journal, seed)
+            writer(target, args.url, journal, seed)
         except BaseException:  # noqa: BLE001 - report and exit without running the parent's cleanup
             traceback.print_exc()
             code = 3
@@ -332,12 +351,18 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--exec", action="store_true", help="start each writer as a fresh interpreter (slower)")
     p.add_argument("--verbose", action="store_true", help="show recovery reports")
+    p.add_argument(
+        "--s3",
+        choices=["seaweedfs", "moto"],
+        help="put the payload in a new bucket on this S3 server, started on loopback (catalog stays in --dir)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--target", help=argparse.SUPPRESS)  # the child's checkpoint_dir (an s3:// URL kept whole)
     p.add_argument("--journal", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.dir = args.dir.resolve()
     if args.child:
-        writer(args.dir, args.url, args.journal, args.seed)
+        writer(args.target or args.dir, args.url, args.journal, args.seed)
         return 0
     torch.set_num_threads(1)
     if not args.verbose:
@@ -357,6 +382,14 @@ def main() -> int:
         with admin.connect() as c:
             c.execute(text(f'CREATE DATABASE "{dbname}"'))
         args.url = make_url(args.url).set(database=dbname).render_as_string(hide_password=False)
+    server = None
+    target: Path | str = args.dir
+    if args.s3:
+        from ckptdb.testing.s3servers import start
+
+        server = start(args.s3)
+        os.environ.update(server.env())  # the writers (forked) and the checker find it like a user would
+        target = f"s3://{server.new_bucket()}/torture"
     journals = args.dir.parent / f"{args.dir.name}.journals"
     journals.mkdir(exist_ok=True)
     model = Model()
@@ -365,11 +398,11 @@ def main() -> int:
     early_exits = 0
     dead_sessions = 0  # kills after which the server still had the dead writer's session
     t0 = time.monotonic()
-    print(f"torture: {args.kills} kills, seed {seed}, catalog {masked(args.url)}, dir {args.dir}", flush=True)
+    print(f"torture: {args.kills} kills, seed {seed}, catalog {masked(args.url)}, dir {target}", flush=True)
     try:
         for i in range(args.kills):
             journal = journals / f"{i:05d}.jsonl"
-            pid = spawn(args, journal, rng.randrange(1 << 30))
+            pid = spawn(args, target, journal, rng.randrange(1 << 30))
             if args.exec:  # a fresh interpreter: start the clock once it has imported everything
                 deadline = time.monotonic() + 120
                 while time.monotonic() < deadline and not (journal.exists() and journal.stat().st_size):
@@ -388,7 +421,7 @@ def main() -> int:
             if wait_for_dead_sessions(args.url):
                 dead_sessions += 1
             try:
-                found = check(args.dir, args.url, model, records)
+                found = check(target, args.url, model, records)
             except Exception as e:  # noqa: BLE001 - a crash of the checker is a violation too
                 found = [f"checker raised {type(e).__name__}: {e}"]
                 dispose_engines()
@@ -403,6 +436,8 @@ def main() -> int:
                 )
     finally:
         dispose_engines()
+        if server is not None:
+            server.stop()
         if admin is not None and dbname is not None:
             from sqlalchemy import text
 
@@ -417,6 +452,7 @@ def main() -> int:
         "violations": len(violations),
         "seed": seed,
         "backend": args.url.split(":", 1)[0],
+        "store": args.s3 or "local",
         "seconds": round(elapsed, 1),
         "kill_points": dict(points.most_common()),
         "final_committed_steps": sorted(model.committed),

@@ -37,7 +37,7 @@ from ckptdb.errors import (
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import new_hasher
 from ckptdb.storage.location import ObjectLocation
-from ckptdb.storage.s3client import S3Client, config_from
+from ckptdb.storage.s3client import ObjectMeta, S3Client, config_from
 from ckptdb.storage.store import AttemptWriter, ProgressFn, Published, Store
 from ckptdb.storage.writer import FileRecord, TorchFile, _no_torch_crc32, _run_threads
 
@@ -348,6 +348,10 @@ class ObjectStore(Store):
 
     def isdir(self, directory: str) -> bool:
         return self.exists(directory)
+
+    def stat(self, directory: str, relpath: str) -> ObjectMeta | None:
+        """One HEAD: the object's size and the server's full-object checksum; None when there is no object."""
+        return self.client.head(self.bucket, self.key(directory, layout.check_relpath(relpath, 0)))
 
     def checksum(self, directory: str, relpath: str) -> str | None:
         """The server's full-object checksum (``crc32c:<base64>``) from HEAD, without downloading; None when

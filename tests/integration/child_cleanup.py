@@ -1,7 +1,7 @@
 """Processes for the concurrency test: a trainer saving to its own run with a retention policy, a
 ``prune`` loop and a ``gc`` loop, all on one catalog.
 
-    python tests/integration/child_cleanup.py trainer URL ROOT RUN STEPS
+    python tests/integration/child_cleanup.py trainer URL ROOT RUN STEPS    (ROOT: a directory or s3://bucket)
     python tests/integration/child_cleanup.py prune URL STOPFILE RUN...
     python tests/integration/child_cleanup.py gc URL STOPFILE
 
@@ -57,9 +57,10 @@ def trainer(url: str, root: str, run: str, steps: int) -> None:
     fail = _Fail()
     logging.getLogger("ckptdb").addHandler(fail)
     opts = SaveOptions(fsync=False)
-    m = FileCheckpointManager(Path(root) / run, catalog=url, run=run, retention=POLICY, save_options=opts)
+    where = f"{root}/{run}" if root.startswith("s3://") else Path(root) / run  # ROOT: a directory or s3://bucket
+    m = FileCheckpointManager(where, catalog=url, run=run, retention=POLICY, save_options=opts)
     # a second writer in this process keeps one checkpoint pending for the whole run
-    side = FileCheckpointManager(Path(root) / run, catalog=url, run=run, save_options=opts)
+    side = FileCheckpointManager(where, catalog=url, run=run, save_options=opts)
     side.begin_checkpoint(PENDING_STEP)
     side.save_state({"model": {"w": torch.full((4,), 7.0)}, "step_nr": PENDING_STEP})
     for step in range(1, steps + 1):

@@ -14,9 +14,11 @@ from ckptdb.catalog import Catalog
 from ckptdb.catalog.session import dispose_engines
 from ckptdb.cleanup import gc, prune
 from ckptdb.retention import Candidate, decide
+from ckptdb.runstore import run_store
 from tests.helpers import sql as rows
 from tests.helpers import work_dirs
 from tests.integration.child_cleanup import PENDING_STEP, PIN_STEP, POLICY, loss
+from tests.s3_fixtures import Bucket
 
 CHILD = str(Path(__file__).with_name("child_cleanup.py"))
 STEPS = 12
@@ -25,11 +27,31 @@ STEPS = 12
 @pytest.mark.timeout(240)
 def test_trainers_prune_and_gc_at_once(tmp_path: Path, catalog_url: str) -> None:
     pg = catalog_url.startswith("postgresql")
-    trainers, pruners, gcs = (5, 2, 1) if pg else (3, 1, 1)
+    _trainers_prune_and_gc(tmp_path, catalog_url, str(tmp_path), (5, 2, 1) if pg else (3, 1, 1), None)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.postgres
+def test_trainers_prune_and_gc_at_once_on_s3(
+    tmp_path: Path, catalog_url: str, seaweedfs_bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same on s3:// runs (one bucket, SeaweedFS): gc never takes a live writer's prefix for foreign,
+    prune and gc never delete twice, and no prefix but the kept checkpoints' is left."""
+    if not catalog_url.startswith("postgresql"):
+        pytest.skip("runs on S3 share a PostgreSQL catalog here (the SQLite variant is the local test)")
+    for k, v in seaweedfs_bucket.server.env().items():
+        monkeypatch.setenv(k, v)
+    _trainers_prune_and_gc(tmp_path, catalog_url, f"s3://{seaweedfs_bucket.name}", (3, 2, 1), seaweedfs_bucket)
+
+
+def _trainers_prune_and_gc(
+    tmp_path: Path, catalog_url: str, root: str, counts: tuple[int, int, int], bucket: Bucket | None
+) -> None:
+    trainers, pruners, gcs = counts
     runs = [f"t{i}" for i in range(trainers)]
     stop = tmp_path / "stop"
     procs = [
-        subprocess.Popen([sys.executable, CHILD, "trainer", catalog_url, str(tmp_path), r, str(STEPS)], text=True,
+        subprocess.Popen([sys.executable, CHILD, "trainer", catalog_url, root, r, str(STEPS)], text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for r in runs
     ]  # fmt: skip
@@ -78,8 +100,15 @@ def test_trainers_prune_and_gc_at_once(tmp_path: Path, catalog_url: str) -> None
         assert PENDING_STEP in committed and PIN_STEP in committed
         prune(cat, run_name, POLICY, fsync=False)  # the side writer's late commit made more prunable
         assert cat.committed_steps(run.id) == expected
-        d = Path(run.checkpoint_dir)
-        assert sorted(p.name for p in d.glob("step_*")) == sorted(f"step_{s}" for s in expected)
+        if bucket is None:
+            d = Path(run.checkpoint_dir)
+            assert sorted(p.name for p in d.glob("step_*")) == sorted(f"step_{s}" for s in expected)
+        else:  # exactly the kept checkpoints' prefixes, and no upload left behind
+            store = run_store(run.checkpoint_dir)
+            live = {c.directory for c in cat.checkpoints(run.id, states=["committed"])}
+            assert set(store.list_entries()) == live and len(live) == len(expected)
+            assert not store.client.list_uploads(store.bucket, f"{run_name}/")  # type: ignore[attr-defined]
     assert not gc(cat, fsync=False).total("removed")
-    assert all(not work_dirs(tmp_path / r) for r in runs)
+    if bucket is None:
+        assert all(not work_dirs(tmp_path / r) for r in runs)
     dispose_engines()
