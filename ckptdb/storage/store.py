@@ -260,6 +260,11 @@ class Store(abc.ABC):
         """Whether ``directory`` is a directory (local: ``Path.is_dir``, following a symbolic link;
         object store: as :meth:`exists`)."""
 
+    def checksum(self, directory: str, relpath: str) -> str | None:
+        """The store's own full-object checksum of a file (``crc32c:<base64>``), without reading it; None
+        where the store keeps none (a local filesystem) or the file is missing."""
+        return None
+
     @abc.abstractmethod
     def owner(self, directory: str) -> str | None:
         """The token of the attempt that made ``directory``, or None (an imported or foreign one).

@@ -1,4 +1,4 @@
-"""One conformance suite for every Store (as zarr v3 does for its stores): the same tests, parametrised.
+"""The one conformance suite for every Store (as zarr v3 does for its stores): the same tests, parametrised.
 
 Stores: LocalStore on a temporary directory, ObjectStore on moto, ObjectStore on SeaweedFS (both S3
 servers real, on loopback). Each test drives the Store interface only; the small ``Harness`` does
@@ -8,6 +8,7 @@ dead writer's debris).
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +17,12 @@ import pytest
 import torch
 
 from ckptdb.errors import CheckpointCorruptError, CheckpointError, InvalidOperationError, ObjectStoreError
+from ckptdb.storage.hashing import new_hasher
 from ckptdb.storage.location import ObjectLocation
 from ckptdb.storage.objectstore import ObjectStore
 from ckptdb.storage.s3client import MIN_PART_SIZE, S3Client
 from ckptdb.storage.store import LocalStore, Store, open_store
-from ckptdb.storage.writer import StepWriter, TorchFile
+from ckptdb.storage.writer import FileRecord, StepWriter, TorchFile
 from tests.s3_fixtures import Bucket
 
 HASH = "xxh3_128"
@@ -330,3 +332,153 @@ def test_an_object_in_the_legacy_torch_format_loads(h: Harness) -> None:
     h.plant("step_6", "model.pt", buf.getvalue())
     for mmap in (True, False):
         assert torch.equal(h.store.load_torch("step_6", "model.pt", 6, mmap=mmap)["model"]["w"], state(n=1000)["w"])
+
+
+# -- the interface, case by case (merged from the former tests/unit/test_store_conformance.py) -------
+
+ALGO = "sha256"
+T1, T2 = "00112233aabbccdd", "44556677eeff0011"
+
+
+def _digest(data: bytes) -> str:
+    h = new_hasher(ALGO)
+    h.update(data)
+    return h.hexdigest()
+
+
+def _write(store: Store, step: int, token: str, value: int) -> list[str]:
+    """One finished attempt with a torch file, a nested file and score.txt; returns its relpaths."""
+    w = store.open_writer(step, token, hash_algorithm=ALGO)
+    w.open(create=True)
+    w.write_torch_many(
+        [TorchFile("model.pt", {"w": torch.full((4,), value)}, 0, "model"), TorchFile("sub/rank_0.pt", {"v": value})]
+    )
+    w.write_bytes("score.txt", f"{value}\n".encode(), kind="score")
+    w.finalize()
+    return sorted(w.records)
+
+
+def test_names_are_disjoint_and_checked(h: Harness) -> None:
+    s = h.store
+    assert s.attempt_dir(3, T1) != s.attempt_dir(3, T2)
+    assert s.committed_dir(3, T1) == s.check_directory(3, s.committed_dir(3, T1))
+    for bad in ("../x", "step_4", "/abs", ""):
+        with pytest.raises(CheckpointCorruptError):
+            s.check_directory(3, bad)
+
+
+def test_write_publish_read(h: Harness) -> None:
+    s = h.store
+    w = s.open_writer(7, T1, hash_algorithm=ALGO)
+    w.open(create=True)
+    # local: the directory exists from open(); an object store's prefix exists from its first object
+    assert (s.exists(w.directory) or not s.is_local) and w.directory == s.attempt_dir(7, T1)
+    rec = w.write_torch("model.pt", {"w": torch.arange(5)}, kind="model")
+    score = w.write_bytes("score.txt", b"0.5\n", kind="score")
+    with pytest.raises(InvalidOperationError, match="already written"):
+        w.write_bytes("score.txt", b"again")
+    assert score.size_bytes == 4 and score.digest == _digest(b"0.5\n")
+    assert s.hash_file(w.directory, "model.pt", ALGO) == (rec.size_bytes, rec.digest)
+    w.finalize()
+    published = s.publish(7, T1)
+    d = s.committed_dir(7, T1)
+    assert published.superseded is None and s.isdir(d) and s.owner(d) == T1
+    assert s.list_files(d) == {"model.pt": rec.size_bytes, "score.txt": 4}
+    assert s.file_size(d, "model.pt") == rec.size_bytes and s.file_size(d, "nope.pt") is None
+    assert s.read_bytes(d, "score.txt") == b"0.5\n"
+    with s.open_read(d, "model.pt") as f:
+        assert torch.load(io.BytesIO(f.read()), weights_only=True)["w"].tolist() == [0, 1, 2, 3, 4]
+    assert s.load_torch(d, "model.pt", 7)["w"].tolist() == [0, 1, 2, 3, 4]
+    s.check_files(d, [rec, score], 7, digest=True)
+    assert d in s.list_entries()
+
+
+def test_check_files_finds_damage(h: Harness) -> None:
+    s = h.store
+    _write(s, 1, T1, 1)
+    s.publish(1, T1)
+    d = s.committed_dir(1, T1)
+    sizes = s.list_files(d)
+    score = s.read_bytes(d, "score.txt")
+    rec = FileRecord("score.txt", sizes["score.txt"], ALGO, _digest(score))
+    s.check_files(d, [rec], 1, digest=True)
+    h.plant(d, "score.txt", b"9\n")  # same size, other bytes
+    s.check_files(d, [rec], 1, digest=False)
+    with pytest.raises(CheckpointCorruptError, match="does not match"):
+        s.check_files(d, [rec], 1, digest=True)
+    h.plant(d, "score.txt", b"10\n")
+    with pytest.raises(CheckpointCorruptError, match="expected 2 bytes, found 3 bytes"):
+        s.check_files(d, [rec], 1, digest=False)
+    with pytest.raises(CheckpointCorruptError) as ei:
+        s.check_files(d, [FileRecord("gone.pt", 3, ALGO, "00")], 1, digest=False)
+    assert ei.value.missing
+
+
+def test_abort_removes_only_its_attempt(h: Harness) -> None:
+    s = h.store
+    _write(s, 2, T1, 1)
+    s.publish(2, T1)
+    w = s.open_writer(2, T2, hash_algorithm=ALGO)
+    w.open(create=True)
+    w.write_bytes("score.txt", b"1\n")
+    w.abort()
+    w.abort()  # idempotent
+    assert not s.exists(s.attempt_dir(2, T2))
+    assert s.load_torch(s.committed_dir(2, T1), "model.pt", 2)["w"].tolist() == [1, 1, 1, 1]
+
+
+def test_overwrite_publish_and_undo(h: Harness) -> None:
+    s = h.store
+    _write(s, 4, T1, 1)
+    s.publish(4, T1)
+    old = s.committed_dir(4, T1)
+    _write(s, 4, T2, 2)
+    p = s.publish(4, T2, previous=old)
+    new = s.committed_dir(4, T2)
+    assert s.load_torch(new, "model.pt", 4)["w"].tolist() == [2, 2, 2, 2]
+    s.unpublish(4, T2, p)  # the catalog commit failed: the committed copy is the old one again
+    assert s.load_torch(old, "model.pt", 4)["w"].tolist() == [1, 1, 1, 1] and s.owner(old) == T1
+    assert isinstance(s.whereabouts(4, T2, p), str)
+    p = s.publish(4, T2, previous=old)  # and this time the commit stands
+    assert p.superseded is not None
+    s.remove_tree(p.superseded)
+    assert s.load_torch(new, "model.pt", 4)["w"].tolist() == [2, 2, 2, 2] and s.owner(new) == T2
+    assert sorted(s.list_entries()) == [new]
+
+
+def test_set_aside_then_remove(h: Harness) -> None:
+    s = h.store
+    for step, token in ((5, T1), (6, T2)):
+        _write(s, step, token, step)
+        s.publish(step, token)
+    d5, d6 = s.committed_dir(5, T1), s.committed_dir(6, T2)
+    handle = s.set_aside(d5, 5)
+    assert not s.exists(d5) or not s.is_local  # local: renamed away at once; object store: a no-op
+    s.remove(handle)
+    s.remove(handle)  # idempotent
+    assert not s.exists(d5) and s.list_entries() == [d6]
+    assert s.load_torch(d6, "model.pt", 6)["w"].tolist() == [6, 6, 6, 6]
+
+
+def test_remove_files_keeps_the_model(h: Harness) -> None:
+    s = h.store
+    _write(s, 8, T1, 8)
+    s.publish(8, T1)
+    d = s.committed_dir(8, T1)
+    s.remove_files(d, {"model.pt", "score.txt"})
+    assert sorted(s.list_files(d)) == ["model.pt", "score.txt"] and s.owner(d) == T1
+
+
+def test_checksum_is_the_servers_or_none(h: Harness) -> None:
+    """``Store.checksum``: an object store's full-object CRC32C from HEAD (what ``verify --remote-checksum``
+    compares); a local store keeps none."""
+    s = h.store
+    _write(s, 9, T1, 9)
+    s.publish(9, T1)
+    d = s.committed_dir(9, T1)
+    before = s.checksum(d, "score.txt")
+    assert s.checksum(d, "nope.pt") is None
+    if s.is_local:
+        assert before is None
+        return
+    assert before is not None and before.startswith("crc32c:")
