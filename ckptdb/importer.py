@@ -175,10 +175,11 @@ def scan(checkpoint_dir: Path) -> tuple[list[FoundStep], dict[str, str], list[st
 def scan_objects(store: ObjectStore) -> tuple[list[FoundStep], dict[str, str], list[str]]:
     """:func:`scan` for a fairseq2 directory on an object store (one flat listing; nothing is hashed).
 
-    fairseq2 writes ``step_<N>/`` objects in place there, with no rename to mark a step complete; each
-    object is whole (a PUT is atomic), but a step may lack objects when its writer died. A step whose
-    object names are a strict subset of what most steps hold is skipped as incomplete (one complete
-    step is not enough to tell, so with a single step nothing is skipped on that ground).
+    fairseq2 writes ``step_<N>/`` objects in place there, or "renames" ``step_<N>.tmp/`` to it by copy
+    and delete; each object is whole (a PUT is atomic), but a step may lack objects when its writer
+    died. Skipped: a step whose ``step_<N>.tmp/`` still holds objects (the move is not finished), a
+    step with a multipart upload in progress under it, and a step whose object names are a strict
+    subset of what most steps hold (with a single step nothing is skipped on that last ground).
     """
     root = store.location.prefix + "/" if store.location.prefix else ""
     by_dir: dict[str, list[tuple[str, int]]] = {}
@@ -195,10 +196,17 @@ def scan_objects(store: ObjectStore) -> tuple[list[FoundStep], dict[str, str], l
     steps: list[FoundStep] = []
     skipped: dict[str, str] = {}
     warnings: list[str] = []
+    uploading = {k[len(root) :].split("/", 1)[0] for k in store.client.list_uploads(store.bucket, root)}
     for name, files in sorted(by_dir.items()):
         step = layout.parse_step_dir(name)
         if step is None:
             skipped[name] = "unfinished or ckptdb work directory"
+            continue
+        if f"{name}.tmp" in by_dir:  # fairseq2's "rename" on S3 is copy + delete: not finished
+            skipped[name] = f"{name}.tmp/ still holds objects: its move to {name}/ (copy + delete) is not finished"
+            continue
+        if name in uploading:
+            skipped[name] = "a multipart upload under it is still in progress"
             continue
         if any(rel == layout.TOKEN_FILE for rel, _ in files):
             skipped[name] = "written by ckptdb (has a .ckptdb_token): already in some catalog"

@@ -74,6 +74,15 @@ def test_verify_gc_prune_on_s3(bucket: Bucket, catalog_url: str, capsys: pytest.
     cat = Catalog(catalog_url)
     rows = {c.step_nr: c for c in cat.checkpoints(run.id)}
 
+    rc, out = cli(capsys, "ls", "--url", catalog_url, run.name, "--json")
+    assert rc == 0 and [c["step"] for c in json.loads(out)] == [1, 2, 3, 4]
+    rc, out = cli(capsys, "pin", "--url", catalog_url, run.name, "4", "--label", "keep")
+    assert rc == 0
+    rc, out = cli(capsys, "show", "--url", catalog_url, run.name, "2")
+    assert rc == 0 and "step_2." in out and b.name in out
+    rc, out = cli(capsys, "unpin", "--url", catalog_url, run.name, "--label", "keep")
+    assert rc == 0
+
     rc, out = cli(capsys, "verify", "--url", catalog_url, run.name, "--json")
     rep = json.loads(out)
     assert rc == 0 and [r["result"] for r in rep["checkpoints"]] == ["ok"] * 4
@@ -267,12 +276,17 @@ def test_import_fairseq2_directory_on_s3(
     _upload_tree(b, local, PREFIX)
     s3 = b.server.boto3_client()
     s3.delete_object(Bucket=b.name, Key=f"{PREFIX}/step_260/rank_0.pt")  # its writer died mid-save
+    # step 270: fairseq2's copy of step_270.tmp/ to step_270/ was interrupted (both hold objects)
+    body = (local / "step_100" / "model.pt").read_bytes()
+    for name in ("step_270", "step_270.tmp"):
+        s3.put_object(Bucket=b.name, Key=f"{PREFIX}/{name}/model.pt", Body=body)
     before = keys(b)
     src = url_of(b)
 
     dry = import_directory(catalog_url, src, dry_run=True)
     assert dry.adopted == [100, 200, 250] and dry.skipped["step_300.tmp"] == "unfinished or ckptdb work directory"
     assert dry.skipped["step_260"].startswith("incomplete: lacks rank_0.pt")
+    assert "is not finished" in dry.skipped["step_270"]
     rc, out = cli(capsys, "import", src, "--url", catalog_url, "--json")
     rep = json.loads(out)
     assert rc == 0 and rep["adopted"] == [100, 200, 250] and rep["checkpoint_dir"] == src
