@@ -8,7 +8,11 @@ exactly as ``torch.save`` would have written them.
 
 Buffers are matched by the order in which storages are met and their byte sizes, per file: when the
 next save has the same layout (the usual case) no memory is allocated and the copy runs at memcpy
-speed into already faulted-in pages. Buffers for storages on an accelerator are pinned, and the
+speed into already faulted-in pages. A small CPU tensor that is the whole of its (not yet met) storage
+skips the buffer: the staged tensor of the previous save at the same position, when it has the same
+type, dtype, shape and ``requires_grad``, is kept and refilled, all of them by one
+``torch._foreach_copy_`` after the walk (otherwise a fresh ``clone``); views met later share its
+storage as before. Buffers for storages on an accelerator are pinned, and the
 device-to-host copies are issued non-blocking; on CUDA they run on a side stream per device (kept
 between saves) that first waits for the device's current stream, so the copies see every kernel
 queued before the save and overlap nothing else. One event per source device is recorded after its
