@@ -8,7 +8,11 @@ exactly as ``torch.save`` would have written them.
 
 Buffers are matched by the order in which storages are met and their byte sizes, per file: when the
 next save has the same layout (the usual case) no memory is allocated and the copy runs at memcpy
-speed into already faulted-in pages. Buffers for storages on an accelerator are pinned, and the
+speed into already faulted-in pages. A small CPU tensor that is the whole of its (not yet met) storage
+skips the buffer: the staged tensor of the previous save at the same position, when it has the same
+type, dtype, shape and ``requires_grad``, is kept and refilled, all of them by one
+``torch._foreach_copy_`` after the walk (otherwise a fresh ``clone``); views met later share its
+storage as before. Buffers for storages on an accelerator are pinned, and the
 device-to-host copies are issued non-blocking; on CUDA they run on a side stream per device (kept
 between saves) that first waits for the device's current stream, so the copies see every kernel
 queued before the save and overlap nothing else. One event per source device is recorded after its
@@ -30,6 +34,8 @@ import torch
 
 _DICTS: tuple[type, ...] = (dict, collections.OrderedDict, collections.Counter)
 _SEQUENCES: tuple[type, ...] = (list, tuple, set, frozenset)
+_PLAIN: tuple[type, ...] = (torch.Tensor, torch.nn.Parameter)
+_WHOLE_MAX = 1 << 20  # storages up to this size may take the per-tensor fast path (stage_whole)
 
 
 def _new_buffer(nbytes: int, device: torch.device) -> torch.UntypedStorage:
@@ -47,6 +53,9 @@ class StagingArea:
 
     def __init__(self) -> None:
         self._buffers: dict[str, list[torch.UntypedStorage]] = {}
+        # small CPU tensors that cover their whole storage: the staged tensors themselves, reused
+        # (one ``copy_``, no new tensor over a buffer) when the next save meets the same layout
+        self._tensors: dict[str, list[torch.Tensor]] = {}
         self._streams: dict[torch.device, Any] = {}  # CUDA side stream per device, for the copies
         self.bytes_staged = 0
         self.seconds = 0.0
@@ -54,7 +63,8 @@ class StagingArea:
     @property
     def nbytes(self) -> int:
         """Bytes of staging memory held."""
-        return sum(b.nbytes() for bufs in self._buffers.values() for b in bufs)
+        held = sum(b.nbytes() for bufs in self._buffers.values() for b in bufs)
+        return held + sum(t.untyped_storage().nbytes() for ts in self._tensors.values() for t in ts)
 
     def reset_stats(self) -> None:
         self.bytes_staged = 0
@@ -63,6 +73,7 @@ class StagingArea:
     def release(self) -> None:
         """Free every staging buffer (the next save allocates again)."""
         self._buffers.clear()
+        self._tensors.clear()
 
     def stage(self, key: str, obj: Any) -> Any:
         """A copy of ``obj`` (for file ``key``) that shares no mutable memory with it."""
@@ -71,6 +82,34 @@ class StagingArea:
         used: list[torch.UntypedStorage] = []
         by_storage: dict[int, torch.UntypedStorage] = {}
         devices: set[torch.device] = set()  # every accelerator a copy was issued from
+        old_tensors = self._tensors.get(key, [])
+        tensors: list[torch.Tensor] = []
+        fill_dst: list[torch.Tensor] = []  # reused staged tensors and their sources: one _foreach_copy_
+        fill_src: list[torch.Tensor] = []
+
+        def stage_whole(t: torch.Tensor, src: torch.UntypedStorage) -> torch.Tensor:
+            """``t`` (CPU, contiguous, its storage's only bytes): last save's staged tensor refilled."""
+            i = len(tensors)
+            out = old_tensors[i] if i < len(old_tensors) else None
+            if (
+                out is None
+                or type(out) is not type(t)
+                or out.dtype != t.dtype
+                or out.shape != t.shape
+                or out.requires_grad != t.requires_grad
+            ):
+                out = t.detach().clone()
+                if type(t) is torch.nn.Parameter:
+                    out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
+                elif t.requires_grad:
+                    out.requires_grad_(True)
+            else:  # copied in one batch after the walk
+                fill_dst.append(out)
+                fill_src.append(t)
+            tensors.append(out)
+            by_storage[src._cdata] = out.untyped_storage()
+            self.bytes_staged += src.nbytes()
+            return out
 
         def stage_storage(src: torch.UntypedStorage) -> torch.UntypedStorage:
             staged = by_storage.get(src._cdata)
@@ -95,6 +134,23 @@ class StagingArea:
             return buf
 
         def stage_tensor(t: torch.Tensor) -> torch.Tensor:
+            if (
+                t.is_cpu
+                and t.layout is torch.strided
+                and not t.is_quantized
+                and not t.is_nested
+                and type(t) in _PLAIN
+                and not t.__dict__
+            ):
+                src = t.untyped_storage()
+                if (
+                    src._cdata not in by_storage
+                    and t.storage_offset() == 0
+                    and src.nbytes() <= _WHOLE_MAX
+                    and t.numel() * t.element_size() == src.nbytes()
+                    and t.is_contiguous()
+                ):
+                    return stage_whole(t, src)
             if t.layout != torch.strided or t.device.type == "meta" or t.is_quantized or t.is_nested:
                 out = t.detach().to("cpu", copy=True)
             else:
@@ -109,6 +165,9 @@ class StagingArea:
         copy = _copier(stage_tensor)
         try:
             result = copy(obj)
+            if fill_dst:
+                with torch.no_grad():
+                    torch._foreach_copy_(fill_dst, fill_src)
         finally:
             # before anyone (the background writer) reads the buffers, and before a failed stage
             # lets buffers with copies in flight be reused: one event per CUDA device
@@ -120,6 +179,7 @@ class StagingArea:
                 ev.synchronize()
             synchronize({d for d in devices if d.type != "cuda"})
         self._buffers[key] = used
+        self._tensors[key] = tensors
         self.seconds += time.perf_counter() - start
         return result
 

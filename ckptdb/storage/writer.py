@@ -268,7 +268,6 @@ class _DirectFile:
         self._failed: OSError | None = None
         self._direct = True
         self._mode_lock = threading.Lock()
-        self.size = 0
         self.error: OSError | None = None
         self._threads = [
             threading.Thread(target=self._run, name=f"ckptdb-pwrite-{i}", daemon=True) for i in range(_WRITERS)
@@ -277,30 +276,33 @@ class _DirectFile:
             t.start()
 
     def write(self, data: bytes | memoryview) -> int:
+        fill = self._fill
+        if type(data) is memoryview and data.format == "B" and data.ndim == 1:
+            n = len(data)
+            if n < _DBUF - fill:
+                # the common small write (zip headers, names, small tensors): one slice copy; the
+                # bytes are hashed with the whole buffer when it is submitted (same order, one call)
+                self._view[fill : fill + n] = data
+                self._fill = fill + n
+                return n
         try:
             return self._write(data)
         except OSError as e:
             self.error = self.error or e
             raise
 
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._base + self._fill
+
     def _write(self, data: bytes | memoryview) -> int:
         if self._failed is not None:
             raise self._failed
-        n = len(data)
-        fill = self._fill
-        if n < _DBUF - fill and isinstance(data, memoryview) and data.format == "B" and data.ndim == 1:
-            # the common small write (zip headers, names, small tensors): no slicing, no loop
-            self._hasher.update(data)
-            self._view[fill : fill + n] = data
-            self._fill = fill + n
-            self.size += n
-            return n
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         n = len(view)
-        for off in range(0, n, _CHUNK):
-            self._hasher.update(view[off : off + _CHUNK])
         src = _address(view) if n >= _BIG else None
         done = 0
         while done < n:
@@ -315,10 +317,12 @@ class _DirectFile:
             if self._fill == _DBUF:
                 self._submit(_DBUF)
                 self._next_buffer()
-        self.size += n
         return n
 
     def _submit(self, nbytes: int) -> None:
+        """Hash the buffer's ``_fill`` bytes (buffers are filled and hashed in file order) and queue it."""
+        for off in range(0, self._fill, _CHUNK):
+            self._hasher.update(self._view[off : min(off + _CHUNK, self._fill)])
         self._todo.put((self._buf, self._base, nbytes))
         self._base += self._fill
         self._fill = 0
@@ -372,8 +376,7 @@ class _DirectFile:
             if tail:
                 padded = -(-tail // _ALIGN) * _ALIGN
                 self._view[tail:padded] = bytes(padded - tail)
-                self._todo.put((self._buf, self._base, padded))
-                self._fill = 0
+                self._submit(padded)  # hashes the tail's bytes only (not the padding)
             else:
                 self._free.put(self._buf)
         finally:
