@@ -7,6 +7,11 @@ it prints KILLME and stalls so the parent can SIGKILL it there.
 Points: ``after_claim`` (rows 'deleting', files untouched), ``after_rename`` (the model-only
 directory renamed to ``step_N.trash-*``, not yet removed), ``before_mark`` (files gone, row still
 'deleting').
+
+DIR may be ``s3://bucket/prefix`` (the AWS_* environment names the server). There nothing is renamed:
+the row is marked deleted under the lock and the prefix removed after it, so the points are
+``after_claim`` (at the no-op set-aside), ``before_mark``, and ``after_rename`` = after the mark, before
+the prefix's objects are deleted.
 """
 
 from __future__ import annotations
@@ -31,6 +36,31 @@ def stall(where: str) -> None:
     print(f"KILLME {where}", flush=True)
     time.sleep(120)
     raise SystemExit("not killed")
+
+
+def install_s3(point: str) -> None:
+    from ckptdb.storage.objectstore import ObjectStore
+
+    if point == "after_claim":
+        orig_set_aside = ObjectStore.set_aside
+
+        def set_aside(self: ObjectStore, directory: str, step_nr: int) -> str:
+            if armed:
+                stall(point)
+            return orig_set_aside(self, directory, step_nr)
+
+        ObjectStore.set_aside = set_aside  # type: ignore[method-assign]
+    elif point == "after_rename":
+        orig_remove = ObjectStore.remove
+
+        def remove(self: ObjectStore, handle: str) -> None:
+            if armed:
+                stall(point)
+            orig_remove(self, handle)
+
+        ObjectStore.remove = remove  # type: ignore[method-assign]
+    else:
+        install(point)
 
 
 def install(point: str) -> None:
@@ -67,8 +97,9 @@ def install(point: str) -> None:
 
 def main() -> None:
     global armed
-    directory, url, point = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    install(point)
+    url, point = sys.argv[2], sys.argv[3]
+    directory: str | Path = sys.argv[1] if sys.argv[1].startswith("s3://") else Path(sys.argv[1])
+    (install_s3 if isinstance(directory, str) else install)(point)
     m = FileCheckpointManager(directory, catalog=url, run="exp")
     for step in (1, 2, 3, 4):
         m.begin_checkpoint(step)
