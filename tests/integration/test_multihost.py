@@ -18,16 +18,11 @@ Skipped where network namespaces or ``unshare`` are not permitted (not root, a c
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -35,6 +30,7 @@ from sqlalchemy.engine import make_url
 
 from ckptdb import FileCheckpointManager, RecoveryOptions
 from ckptdb.catalog import Catalog
+from ckptdb.testing.netns import Forwarder, namespaces, netns_permitted
 from ckptdb.verify import verify
 
 pytestmark = pytest.mark.postgres
@@ -43,118 +39,22 @@ CHILD = ROOT / "tests" / "integration" / "child_multihost.py"
 STALE_S = 3.0
 
 
-def _sh(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-
-
-def _netns_permitted() -> str | None:
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"):
-        return "needs root, ip and unshare"
-    name = f"ckp{secrets.token_hex(3)}"
-    r = _sh("ip", "netns", "add", name)
-    if r.returncode != 0:
-        return f"ip netns add refused: {r.stderr.strip()}"
-    try:
-        r = _sh("ip", "netns", "exec", name, "unshare", "--uts", "--pid", "--fork", "--mount-proc", "true")
-        return None if r.returncode == 0 else f"unshare refused: {r.stderr.strip()}"
-    finally:
-        _sh("ip", "netns", "del", name)
-
-
-class Forwarder:
-    """Accepts on (addr, port) and pipes each connection to 127.0.0.1:target."""
-
-    def __init__(self, addrs: list[str], target: int) -> None:
-        self.target = target
-        self.socks: list[socket.socket] = []
-        self.conns: list[socket.socket] = []  # closed by close()
-        self.stop = threading.Event()
-        port = 0
-        for a in addrs:
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((a, port))
-            port = s.getsockname()[1]  # the same port on every address
-            s.listen(64)
-            s.settimeout(0.2)
-            self.socks.append(s)
-            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-        self.port = port
-
-    def _accept(self, s: socket.socket) -> None:
-        while not self.stop.is_set():
-            try:
-                c, _ = s.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            u = socket.create_connection(("127.0.0.1", self.target))
-            self.conns += [c, u]
-            for x, y in ((c, u), (u, c)):
-                threading.Thread(target=self._pipe, args=(x, y), daemon=True).start()
-
-    @staticmethod
-    def _pipe(x: socket.socket, y: socket.socket) -> None:
-        with suppress(OSError):
-            while data := x.recv(65536):
-                y.sendall(data)
-        with suppress(OSError):
-            y.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.stop.set()
-        for s in [*self.socks, *self.conns]:
-            s.close()
-
-
 @pytest.fixture
 def hosts(catalog_url: str) -> Iterator[tuple[list[tuple[str, str]], str]]:
     """Two namespaces ("hostA", "hostB") with a veth each; yields ([(netns, url)], host-side url)."""
     if catalog_url.startswith("sqlite"):
         pytest.skip("the hosts share a PostgreSQL catalog")
-    why = _netns_permitted()
+    why = netns_permitted()
     if why:
         pytest.skip(why)
-    tag = secrets.token_hex(2)
-    made: list[str] = []
-    nets = []
     u = make_url(catalog_url)
-    pg_port = u.port or 5432
-    try:
-        for i, host in enumerate(("hostA", "hostB"), 1):
-            ns, veth_h, veth_n = f"ckr{tag}{host[-1]}", f"ckr{tag}{i}h", f"ckr{tag}{i}n"
-            subnet = f"10.231.{int(tag, 16) % 200 + i}"
-            for cmd in (
-                ["ip", "netns", "add", ns],
-                ["ip", "link", "add", veth_h, "type", "veth", "peer", "name", veth_n],
-                ["ip", "link", "set", veth_n, "netns", ns],
-                ["ip", "addr", "add", f"{subnet}.1/30", "dev", veth_h],
-                ["ip", "link", "set", veth_h, "up"],
-                ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{subnet}.2/30", "dev", veth_n],
-                ["ip", "netns", "exec", ns, "ip", "link", "set", veth_n, "up"],
-                ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
-            ):
-                r = _sh(*cmd)
-                assert r.returncode == 0, (cmd, r.stderr)
-                if cmd[1:3] == ["netns", "add"]:
-                    made.append(f"ns:{ns}")
-                if cmd[1:3] == ["link", "add"]:
-                    made.append(f"link:{veth_h}")
-            nets.append((ns, host, f"{subnet}.1"))
-        fwd = Forwarder([a for _, _, a in nets], pg_port)
+    with namespaces(("hostA", "hostB")) as nets:
+        fwd = Forwarder([a for _, _, a in nets], u.port or 5432)
         try:
             urls = [(ns, u.set(host=addr, port=fwd.port).render_as_string(hide_password=False)) for ns, _, addr in nets]
             yield urls, catalog_url
         finally:
             fwd.close()
-    finally:
-        for m in reversed(made):
-            kind, name = m.split(":", 1)
-            if kind == "ns":
-                _sh("ip", "netns", "del", name)
-            else:
-                _sh("ip", "link", "del", name)
 
 
 def _spawn(ns: str, host: str, *args: str) -> subprocess.Popen[str]:
