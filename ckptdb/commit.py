@@ -270,9 +270,9 @@ class Committer:
                     f"state[{MODEL_KEY_ENTRY!r}]: the key {MODEL_KEY_ENTRY!r} is reserved (fairseq2 records the "
                     "model's key under it and drops it on load); rename it"
                 )
-            keys = sharded_io.sharded_keys(state)
-            check_weights_only_safe(state, allow_sharded=True)  # DCP pickles the non-tensor values too
-            return keys
+            # one walk: refuses what a weights-only load would refuse (DCP pickles the non-tensor values
+            # too) and finds the keys whose values hold sharded tensors
+            return check_weights_only_safe(state, allow_sharded=True)
 
         # a refusal on any rank is raised on every rank; nothing is written and the checkpoint stays open
         try:

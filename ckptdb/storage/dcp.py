@@ -55,17 +55,31 @@ KIND = "sharded"
 _NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 
+_sharded_types: tuple[type, ...] | None = None
+
+
+def _sharded() -> tuple[type, ...]:
+    global _sharded_types
+    if _sharded_types is None:
+        from torch.distributed.tensor import DTensor
+
+        types: list[type] = [DTensor]
+        try:
+            from torch.distributed._shard.sharded_tensor import ShardedTensor
+        except ImportError:  # pragma: no cover - present in every supported torch
+            pass
+        else:
+            types.append(ShardedTensor)
+        _sharded_types = tuple(types)
+    return _sharded_types
+
+
 def is_sharded(value: Any) -> bool:
     """True for a DTensor or a (legacy) ShardedTensor."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(value, DTensor):
-        return True
-    try:
-        from torch.distributed._shard.sharded_tensor import ShardedTensor
-    except ImportError:  # pragma: no cover - present in every supported torch
+    tp = type(value)
+    if tp is torch.Tensor or tp is torch.nn.Parameter:
         return False
-    return isinstance(value, ShardedTensor)
+    return isinstance(value, _sharded())
 
 
 def contains_sharded(value: Any, _depth: int = 0) -> bool:

@@ -89,8 +89,11 @@ def _is_sharded(value: Any) -> bool:
     return is_sharded(value)
 
 
+_INT_FAST = 1 << 2000  # every int below this in magnitude fits LONG1 (255 bytes)
+
+
 def _int_fits(value: int) -> bool:
-    if -(2**2000) < value < 2**2000:
+    if -_INT_FAST < value < _INT_FAST:
         return True
     return len(pickle.encode_long(value)) <= _LONG1_MAX_BYTES
 
@@ -105,7 +108,19 @@ def _refuse(where: str, tp: type, why: str = "") -> InvalidArgumentError:
     )
 
 
-def check_weights_only_safe(state: Mapping[str, Any], *, root: str = "state", allow_sharded: bool = False) -> None:
+# Where a value sits, built only when an error names it: (parent, kind, key) with kind "item"
+# (``[k]``), "key" (`` (key k)``) or "attr" (``.a``); the root is the top-level name (a str).
+
+
+def _where(path: Any) -> str:
+    parts: list[str] = []
+    while isinstance(path, tuple):
+        path, kind, key = path
+        parts.append(f"[{key!r}]" if kind == "item" else f" (key {key!r})" if kind == "key" else f".{key}")
+    return path + "".join(reversed(parts))
+
+
+def check_weights_only_safe(state: Mapping[str, Any], *, root: str = "state", allow_sharded: bool = False) -> list[str]:
     """Raise :class:`InvalidArgumentError` naming the first value a weights-only load refuses.
 
     Args:
@@ -114,89 +129,110 @@ def check_weights_only_safe(state: Mapping[str, Any], *, root: str = "state", al
         allow_sharded: DTensor / ShardedTensor values are accepted as they are (DCP writes them;
             the non-tensor values around them are checked like any other value, because DCP
             pickles those and ckptdb loads them back weights-only).
+
+    Returns:
+        The top-level keys whose values hold a DTensor / ShardedTensor (sorted; empty unless
+        ``allow_sharded``): the one walk over the state answers both questions.
     """
     extra = _extra_safe_types()
     seen: set[int] = set()
     uncertain = False
+    sharded = False
+    leaf_types = _LEAF_TYPES
+    plain_tensors = _PLAIN_TENSORS
 
-    def walk(value: Any, where: str, depth: int) -> None:
+    def walk(value: Any, path: Any, depth: int) -> None:
         nonlocal uncertain
-        if depth > _MAX_DEPTH:
-            raise InvalidArgumentError(f"{where}: nesting deeper than {_MAX_DEPTH} levels")
         tp = type(value)
-        if tp in _LEAF_TYPES:
+        if tp in leaf_types:
             if tp is bytes and not value:  # pickled as a call of builtins.bytes, which the loader refuses
                 raise InvalidArgumentError(
-                    f"{where}: an empty bytes value does not load with torch.load(weights_only=True); "
+                    f"{_where(path)}: an empty bytes value does not load with torch.load(weights_only=True); "
                     "store None or bytearray() instead"
                 )
             return
         if tp is int:
-            if not _int_fits(value):
+            if not (-_INT_FAST < value < _INT_FAST or _int_fits(value)):
                 raise InvalidArgumentError(
-                    f"{where}: integer of {value.bit_length()} bits is too large for a weights-only load "
-                    "(at most about 2000 bits); store it as a string"
+                    f"{_where(path)}: integer of {value.bit_length()} bits is too large for a weights-only "
+                    "load (at most about 2000 bits); store it as a string"
                 )
             return
+        if tp in plain_tensors:
+            walk_tensor(value, tp, path, depth)
+            return
+        if depth > _MAX_DEPTH:
+            raise InvalidArgumentError(f"{_where(path)}: nesting deeper than {_MAX_DEPTH} levels")
         if tp is torch.memory_format:
             raise InvalidArgumentError(
-                f"{where}: torch.memory_format {value} cannot be pickled by torch.save; store str(value)"
+                f"{_where(path)}: torch.memory_format {value} cannot be pickled by torch.save; store str(value)"
             )
         if isinstance(value, torch.Tensor):
-            walk_tensor(value, tp, where, depth)
+            walk_tensor(value, tp, path, depth)
             return
         if tp in _DICTS or tp in _SEQUENCES:
             if id(value) in seen:
-                raise InvalidArgumentError(f"{where}: a container refers back to itself")
+                raise InvalidArgumentError(f"{_where(path)}: a container refers back to itself")
             seen.add(id(value))
+            d = depth + 1
             if tp in _DICTS:
                 for k, v in value.items():
-                    walk(k, f"{where} (key {k!r})", depth + 1)
-                    walk(v, f"{where}[{k!r}]", depth + 1)
+                    if type(k) is not str and type(k) is not int:
+                        walk(k, (path, "key", k), d)
+                    elif type(k) is int and not -_INT_FAST < k < _INT_FAST:
+                        walk(k, (path, "key", k), d)
+                    walk(v, (path, "item", k), d)
                 attrs = getattr(value, "__dict__", None)
                 if attrs:  # e.g. a state_dict's OrderedDict._metadata: rebuilt by the unpickler's BUILD
                     uncertain = uncertain or tp is not collections.OrderedDict
                     for a, v in attrs.items():
-                        walk(v, f"{where}.{a}", depth + 1)
+                        walk(v, (path, "attr", a), d)
             else:
                 for i, v in enumerate(value):
-                    walk(v, f"{where}[{i}]", depth + 1)
+                    walk(v, (path, "item", i), d)
             seen.discard(id(value))
             return
         if extra and tp in extra:
             uncertain = True  # registered by the user: the dry run decides (its contents too)
             return
-        raise _refuse(where, tp)
+        raise _refuse(_where(path), tp)
 
-    def walk_tensor(t: torch.Tensor, tp: type, where: str, depth: int) -> None:
-        nonlocal uncertain
-        if tp not in _PLAIN_TENSORS:
+    def walk_tensor(t: torch.Tensor, tp: type, path: Any, depth: int) -> None:
+        nonlocal uncertain, sharded
+        if tp not in plain_tensors:
             if allow_sharded and _is_sharded(t):
+                sharded = True
                 return
             raise InvalidArgumentError(
-                f"{where}: tensor subclass {tp.__module__}.{tp.__qualname__} cannot be loaded "
+                f"{_where(path)}: tensor subclass {tp.__module__}.{tp.__qualname__} cannot be loaded "
                 "with weights_only=True; convert it to a plain tensor"
             )
-        if t.layout != torch.strided or t.is_quantized or t.is_nested or t.dtype not in _COMMON_DTYPES:
+        if t.dtype not in _COMMON_DTYPES or t.layout != torch.strided or t.is_quantized or t.is_nested:
             uncertain = True
         attrs = t.__dict__
         if attrs:
+            if depth > _MAX_DEPTH:
+                raise InvalidArgumentError(f"{_where(path)}: nesting deeper than {_MAX_DEPTH} levels")
             uncertain = True
             if id(t) in seen:
-                raise InvalidArgumentError(f"{where}: a tensor attribute refers back to the tensor")
+                raise InvalidArgumentError(f"{_where(path)}: a tensor attribute refers back to the tensor")
             seen.add(id(t))
             for a, v in attrs.items():
-                walk(v, f"{where}.{a}", depth + 1)
+                walk(v, (path, "attr", a), depth + 1)
             seen.discard(id(t))
 
+    keys: list[str] = []
     for key, value in state.items():
         if not isinstance(key, str):
             raise InvalidArgumentError(f"{root}: top-level keys must be strings, got {key!r}")
         where = f"{root}[{key!r}]"
-        uncertain = False
+        uncertain = sharded = False
         walk(value, where, 1)
+        if sharded:
+            keys.append(key)
         if uncertain:
             _dry_run_or_raise(value, where)
+    return sorted(keys)
 
 
 # -- the dry run --------------------------------------------------------------------------------
