@@ -31,7 +31,7 @@ from ckptdb.errors import (
 from ckptdb.runstore import is_object_run, run_store
 from ckptdb.storage import layout
 from ckptdb.storage.location import LocalLocation, ObjectLocation, parse_location, require_shared_catalog, url_scheme
-from ckptdb.storage.reader import check_file, load_torch
+from ckptdb.storage.reader import load_torch, load_torch_checked
 from ckptdb.storage.writer import FileRecord
 
 log = logging.getLogger("ckptdb.loader")
@@ -198,11 +198,13 @@ def load_model(
         return _model_entry(sel, payload), sel.run.model_metadata
     try:
         step_dir = layout.step_path(Path(sel.run.checkpoint_dir), sel.checkpoint.step_nr, sel.checkpoint.directory)
-        if verify:
-            check_file(step_dir, FileRecord(m.path, m.size_bytes, m.hash_algorithm, m.digest), sel.checkpoint.step_nr)
-        payload = load_torch(
-            layout.shard_path(step_dir, m.path, sel.checkpoint.step_nr), sel.checkpoint.step_nr, mmap=True
-        )
+        rec = FileRecord(m.path, m.size_bytes, m.hash_algorithm, m.digest)
+        if verify:  # one read: the digest is taken from the mapped pages
+            payload = load_torch_checked(step_dir, rec, sel.checkpoint.step_nr)
+        else:
+            payload = load_torch(
+                layout.shard_path(step_dir, m.path, sel.checkpoint.step_nr), sel.checkpoint.step_nr, mmap=True
+            )
     except CheckpointCorruptError as e:
         if sel.checkpoint.state == State.COMMITTED.value:
             gone = (

@@ -412,6 +412,10 @@ class LocalStore(Store):
     / :mod:`~ckptdb.storage.layout`, whose functions keep the protocol's hooks and messages.
     """
 
+    # a load maps the file and takes the digest from the mapped pages as it reads them in (one pass;
+    # reader.load_torch_checked), instead of hashing the file first and mapping it after
+    hashes_on_load = True
+
     def __init__(self, location: LocalLocation | Path | str, *, fsync: bool = True) -> None:
         if isinstance(location, Path) and location.is_absolute():
             loc: Location = LocalLocation(location)  # a path ckptdb resolved already: taken as it is
@@ -565,8 +569,10 @@ class LocalStore(Store):
     def load_torch(
         self, directory: str, relpath: str, step_nr: int, *, mmap: bool = True, expect: FileRecord | None = None
     ) -> Any:
-        from ckptdb.storage.reader import load_torch
+        from ckptdb.storage.reader import load_torch, load_torch_checked
 
+        if expect is not None and mmap:
+            return load_torch_checked(self.path(directory), expect, step_nr)  # one read: load, then hash the pages
         if expect is not None:
             self.check_files(directory, [expect], step_nr, digest=True)
         return load_torch(layout.shard_path(self.path(directory), relpath, step_nr), step_nr, mmap=mmap)
