@@ -49,9 +49,7 @@ def _flip(path: Path, offset: int) -> None:
         f.write(bytes([b[0] ^ 0x40]))
 
 
-def test_mapped_load_equals_the_plain_load(
-    tmp_path: Path, catalog_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mapped_load_equals_the_plain_load(tmp_path: Path, catalog_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     mgr, _ = _save(tmp_path, catalog_url)
 
     def no_second_read(*a: object, **k: object) -> None:
@@ -68,7 +66,7 @@ def test_mapped_load_equals_the_plain_load(
 
 @pytest.mark.parametrize("where", ["tensor", "end"])
 def test_a_flipped_byte_is_found_recorded_and_resume_falls_back(tmp_path: Path, catalog_url: str, where: str) -> None:
-    mgr, step_dir = _save(tmp_path, catalog_url)
+    mgr, _ = _save(tmp_path, catalog_url)
     mgr.begin_checkpoint(2)
     mgr.save_state(_state())
     mgr.commit_checkpoint()
