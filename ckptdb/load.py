@@ -18,6 +18,7 @@ Call order (facade: :class:`~ckptdb.manager.FileCheckpointManager`)::
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -127,21 +128,56 @@ class Loader:
 
         ``check_digest``: the store checks the file's size and digest against the catalog on the
         bytes it loads (see :meth:`digest_on_load`)."""
+        try:
+            return self._load(directory, s, info.step_nr, check_digest)
+        except (CheckpointCorruptError, UnsafeCheckpointFileError) as e:
+            self._record_failure(info, s, e)
+            raise
+
+    def load_files(
+        self, info: CheckpointInfo, directory: str, shards: list[ShardInfo], *, check_digest: bool
+    ) -> list[Any]:
+        """:meth:`load_file` of each of ``shards``, in order. With ``check_digest`` the files are loaded
+        in parallel threads (each file's read and hash run while the others' do); the first failure in
+        ``shards`` order is recorded and raised."""
+        if not check_digest or len(shards) < 2:
+            return [self.load_file(info, directory, s, check_digest=check_digest) for s in shards]
+        results: list[Any] = [None] * len(shards)
+        errors: list[BaseException | None] = [None] * len(shards)
+
+        def run(i: int) -> None:
+            try:
+                results[i] = self._load(directory, shards[i], info.step_nr, True)
+            except BaseException as e:  # noqa: BLE001 - raised below, in order
+                errors[i] = e
+
+        threads = [threading.Thread(target=run, args=(i,), name=f"ckptdb-load-{i}") for i in range(len(shards))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for s, e in zip(shards, errors, strict=True):
+            if e is not None:
+                if isinstance(e, CheckpointCorruptError | UnsafeCheckpointFileError):
+                    self._record_failure(info, s, e)
+                raise e
+        return results
+
+    def _load(self, directory: str, s: ShardInfo, step_nr: int, check_digest: bool) -> Any:
         expect = (
             FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest, checksum=s.remote_checksum)
             if check_digest
             else None
         )
-        try:
-            return self.ctx.store.load_torch(
-                directory, s.path, info.step_nr, mmap=self.ctx.load_options.mmap, expect=expect
-            )
-        except CheckpointCorruptError as e:
+        return self.ctx.store.load_torch(directory, s.path, step_nr, mmap=self.ctx.load_options.mmap, expect=expect)
+
+    def _record_failure(
+        self, info: CheckpointInfo, s: ShardInfo, e: CheckpointCorruptError | UnsafeCheckpointFileError
+    ) -> None:
+        if isinstance(e, CheckpointCorruptError):
             self.mark_damaged(info, e)
-            raise
-        except UnsafeCheckpointFileError as e:  # a file swapped for a hostile pickle: damage too
+        else:  # a file swapped for a hostile pickle: damage too
             self.mark_damaged(info, CheckpointCorruptError(info.step_nr, s.path, "a weights-only torch file", str(e)))
-            raise
 
     def load_checkpoint(self, step_nr: int, verify: str, sharded_state: dict[str, Any] | None) -> dict[str, Any]:
         info, shards = self.ctx.on_coordinator(lambda: self.committed(step_nr), "load_checkpoint")
@@ -202,13 +238,13 @@ class Loader:
             self.verify_and_mark(info, [*mine, *([model] if model else [])], "size" if on_load else verify)
             directory = ctx.store.check_directory(info.step_nr, info.directory)
             state: dict[str, Any] = {}
-            for s in mine:
-                part = self.load_file(info, directory, s, check_digest=on_load)
+            parts = self.load_files(info, directory, [*mine, *([model] if model else [])], check_digest=on_load)
+            for s, part in zip(mine, parts, strict=False):
                 if not isinstance(part, dict):
                     raise CheckpointCorruptError(info.step_nr, s.path, "a dict", type(part).__name__)
                 state.update(part)
             if model is not None:
-                part = self.load_file(info, directory, model, check_digest=on_load)
+                part = parts[-1]
                 key = part.get("model_key", "model") if isinstance(part, dict) else "model"
                 if key not in state and isinstance(part, dict) and key in part:
                     state[key] = part[key]

@@ -81,6 +81,8 @@ def load_torch(path: Path, step_nr: int, *, mmap: bool = True) -> Any:
 # -- a verified mapped load: one read of the file, its digest taken from the mapped pages ----------
 
 _MADV_POPULATE_READ = 22  # <linux/mman.h>, Linux 5.14+
+_MADV_WILLNEED = 3
+_WILLNEED = True
 _POP_CHUNK = 32 << 20  # populated and hashed piece by piece, in order
 _POP_THREADS = 4  # pieces being read in at once (parallel streams of one file)
 _MAPPED_MIN = 64 << 20  # smaller files: hash first, then load (as before)
@@ -98,6 +100,10 @@ def _load_madvise() -> Callable[[int, int], int] | None:
     fn.restype = ctypes.c_int
 
     def populate(addr: int, nbytes: int) -> int:
+        # WILLNEED first: the piece is read in large requests, asynchronously; the page faults of
+        # POPULATE_READ alone would read it 128 KiB at a time (the mmap read-around window)
+        if _WILLNEED:
+            fn(addr, nbytes, _MADV_WILLNEED)
         return 0 if fn(addr, nbytes, _MADV_POPULATE_READ) == 0 else ctypes.get_errno() or -1
 
     return populate
