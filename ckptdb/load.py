@@ -18,7 +18,6 @@ Call order (facade: :class:`~ckptdb.manager.FileCheckpointManager`)::
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -137,38 +136,27 @@ class Loader:
     def load_files(
         self, info: CheckpointInfo, directory: str, shards: list[ShardInfo], *, check_digest: bool
     ) -> list[Any]:
-        """:meth:`load_file` of each of ``shards``, in order. With ``check_digest`` the files are loaded
-        in parallel threads (each file's read and hash run while the others' do); the first failure in
-        ``shards`` order is recorded and raised."""
-        if not check_digest or len(shards) < 2:
-            return [self.load_file(info, directory, s, check_digest=check_digest) for s in shards]
-        results: list[Any] = [None] * len(shards)
-        errors: list[BaseException | None] = [None] * len(shards)
-
-        def run(i: int) -> None:
-            try:
-                results[i] = self._load(directory, shards[i], info.step_nr, True)
-            except BaseException as e:  # noqa: BLE001 - raised below, in order
-                errors[i] = e
-
-        threads = [threading.Thread(target=run, args=(i,), name=f"ckptdb-load-{i}") for i in range(len(shards))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for s, e in zip(shards, errors, strict=True):
-            if e is not None:
-                if isinstance(e, CheckpointCorruptError | UnsafeCheckpointFileError):
-                    self._record_failure(info, s, e)
-                raise e
+        """:meth:`load_file` of each of ``shards``, in order. With ``check_digest`` the store loads them
+        together (:meth:`Store.load_torch_many`: a local store reads and hashes the files at once);
+        the first failure in ``shards`` order is recorded and raised."""
+        if not check_digest:
+            return [self.load_file(info, directory, s, check_digest=False) for s in shards]
+        results = self.ctx.store.load_torch_many(
+            directory, [(s.path, self._expect(s)) for s in shards], info.step_nr, mmap=self.ctx.load_options.mmap
+        )
+        for s, r in zip(shards, results, strict=False):
+            if isinstance(r, BaseException):
+                if isinstance(r, CheckpointCorruptError | UnsafeCheckpointFileError):
+                    self._record_failure(info, s, r)
+                raise r
         return results
 
+    @staticmethod
+    def _expect(s: ShardInfo) -> FileRecord:
+        return FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest, checksum=s.remote_checksum)
+
     def _load(self, directory: str, s: ShardInfo, step_nr: int, check_digest: bool) -> Any:
-        expect = (
-            FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest, checksum=s.remote_checksum)
-            if check_digest
-            else None
-        )
+        expect = self._expect(s) if check_digest else None
         return self.ctx.store.load_torch(directory, s.path, step_nr, mmap=self.ctx.load_options.mmap, expect=expect)
 
     def _record_failure(

@@ -193,30 +193,68 @@ def _hash_mapping(base: int, size: int, algorithm: str) -> str | None:
 
 
 def load_torch_checked(step_dir: Path, rec: FileRecord, step_nr: int) -> Any:
-    """``torch.load(weights_only=True, mmap=True)`` of a file checked against its record, reading it once.
+    """``torch.load(weights_only=True, mmap=True)`` of one file checked against its record, reading it
+    once (see :func:`load_torch_checked_many`); raises what the check or the load raises."""
+    (result,) = load_torch_checked_many(step_dir, [rec], step_nr)
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
-    The size is checked first. The load maps the file (only the zip directory and the pickle are
-    read); then the mapped pages are read in by several threads at once and hashed in order from
-    memory, so the digest check, the read and the page faults of a later use are one pass. A
-    mismatch raises :class:`CheckpointCorruptError` and the loaded object is dropped. A file that
-    fails to load is hashed with ``read()``: a digest mismatch is reported as the damage it is.
-    Files under 64 MiB, and hosts without ``MADV_POPULATE_READ``, are hashed first, then loaded.
+
+def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr: int) -> list[Any]:
+    """Load several files of a step directory, each checked against its record and read once.
+
+    Per file: the size is checked, then ``torch.load(weights_only=True, mmap=True)`` maps it (only
+    the zip directory and the pickle are read), one file after the other (unpickling holds the
+    GIL). Then the mapped pages of all the files are read in and hashed, the files in parallel
+    threads, each by :func:`_hash_mapping` (several pieces in flight, hashed in order from
+    memory), so the digest check, the read and the page faults of a later use are one pass.
+    A file that fails to load is hashed with ``read()``: a digest mismatch is reported as the damage
+    it is. Files under 64 MiB, and hosts without ``MADV_POPULATE_READ``, are hashed first, then loaded.
+
+    Returns, per record in order, the loaded object or the exception its check or load raised
+    (``CheckpointCorruptError`` on a mismatch; the object is then dropped). Loading stops at the
+    first file that fails to load; the list ends there.
     """
-    path = layout.shard_path(step_dir, rec.path, step_nr)
-    if _populate is None or rec.size_bytes < _MAPPED_MIN:
-        check_file(step_dir, rec, step_nr)
-        return load_torch(path, step_nr, mmap=True)
-    check_file(step_dir, rec, step_nr, digest=False)
-    try:
-        obj = load_torch(path, step_nr, mmap=True)
-    except (CheckpointCorruptError, UnsafeCheckpointFileError):
-        _check_digest(path, rec, step_nr, None)  # damage first: it says more than the load's error
-        raise
-    addr = _first_storage_address(obj)
-    base = _mapping_of(path, addr, rec.size_bytes) if addr is not None else None
-    actual = _hash_mapping(base, rec.size_bytes, rec.hash_algorithm) if base is not None else None
-    _check_digest(path, rec, step_nr, actual)
-    return obj
+    out: list[Any] = []
+    pending: list[tuple[int, Path, FileRecord, int | None]] = []  # (index, path, record, mapping start)
+    for i, rec in enumerate(recs):
+        path = layout.shard_path(step_dir, rec.path, step_nr)
+        try:
+            if _populate is None or rec.size_bytes < _MAPPED_MIN:
+                check_file(step_dir, rec, step_nr)
+                out.append(load_torch(path, step_nr, mmap=True))
+                continue
+            check_file(step_dir, rec, step_nr, digest=False)
+            try:
+                obj = load_torch(path, step_nr, mmap=True)
+            except (CheckpointCorruptError, UnsafeCheckpointFileError):
+                _check_digest(path, rec, step_nr, None)  # damage first: it says more than the load's error
+                raise
+        except Exception as e:  # noqa: BLE001 - returned in its place, the caller raises it
+            out.append(e)
+            break
+        addr = _first_storage_address(obj)
+        pending.append((i, path, rec, _mapping_of(path, addr, rec.size_bytes) if addr is not None else None))
+        out.append(obj)
+
+    def verify(job: tuple[int, Path, FileRecord, int | None]) -> None:
+        i, path, rec, base = job
+        try:
+            actual = _hash_mapping(base, rec.size_bytes, rec.hash_algorithm) if base is not None else None
+            _check_digest(path, rec, step_nr, actual)
+        except Exception as e:  # noqa: BLE001 - returned in its place, the caller raises it
+            out[i] = e
+
+    if len(pending) == 1:
+        verify(pending[0])
+    else:
+        threads = [threading.Thread(target=verify, args=(j,), name=f"ckptdb-verify-{j[0]}") for j in pending]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return out
 
 
 def _check_digest(path: Path, rec: FileRecord, step_nr: int, actual: str | None) -> None:

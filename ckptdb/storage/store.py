@@ -318,6 +318,21 @@ class Store(abc.ABC):
         CheckpointCorruptError as :func:`ckptdb.storage.reader.load_torch` does. With ``expect``, the
         file's size and digest are checked against it first (CheckpointCorruptError)."""
 
+    def load_torch_many(
+        self, directory: str, items: Sequence[tuple[str, FileRecord | None]], step_nr: int, *, mmap: bool = True
+    ) -> list[Any]:
+        """:meth:`load_torch` of several ``(relpath, expect)`` files. Returns, per item in order, the
+        loaded object or the exception its load raised; the list ends at the first failure.
+        (A store may overlap the files' reads: :class:`LocalStore` does.)"""
+        out: list[Any] = []
+        for relpath, expect in items:
+            try:
+                out.append(self.load_torch(directory, relpath, step_nr, mmap=mmap, expect=expect))
+            except Exception as e:  # noqa: BLE001 - returned in its place, the caller raises it
+                out.append(e)
+                break
+        return out
+
     @abc.abstractmethod
     def load_sharded(
         self,
@@ -576,6 +591,17 @@ class LocalStore(Store):
         if expect is not None:
             self.check_files(directory, [expect], step_nr, digest=True)
         return load_torch(layout.shard_path(self.path(directory), relpath, step_nr), step_nr, mmap=mmap)
+
+    def load_torch_many(
+        self, directory: str, items: Sequence[tuple[str, FileRecord | None]], step_nr: int, *, mmap: bool = True
+    ) -> list[Any]:
+        """Each file loaded in turn (mapped), then all of them read in and hashed at once."""
+        from ckptdb.storage.reader import load_torch_checked_many
+
+        recs = [e for _, e in items if e is not None]
+        if not mmap or len(recs) != len(items) or any(r.path != p for (p, _), r in zip(items, recs, strict=True)):
+            return super().load_torch_many(directory, items, step_nr, mmap=mmap)
+        return load_torch_checked_many(self.path(directory), recs, step_nr)
 
     def load_sharded(
         self,
