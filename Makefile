@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install demo test lint bench bench-quick bench-s3 gpu-stall torture crashcheck faultcheck racecheck clean
+.PHONY: install demo test lint bench bench-quick bench-paired bench-s3 gpu-stall torture crashcheck faultcheck racecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python benchmarks/save_load_bench.py --quick --no-doc --pg-url "$(PG_URL)"
+
+# bench-paired: ckptdb's file writer and verified load against raw writes / reads, 9 alternating reps
+# with paired ratios (the disk's speed drifts; see docs/benchmarks.md); about 2 minutes at 1 GiB.
+bench-paired: install
+	$(BIN)/python benchmarks/paired.py $(BENCH_ARGS)
 
 # ckptdb's save/load on S3 (SeaweedFS on loopback) against raw boto3 multipart / ranged GETs and the
 # peers (DCP FsspecWriter and torch.save over s3fs), alternating reps, ratios (docs/benchmarks.md,
