@@ -127,6 +127,17 @@ class _BufferPool:
 
 _pool = _BufferPool(keep=2 * _DEPTH)  # two files written at once reuse theirs
 _crc_lock = threading.Lock()
+_serialising = threading.Lock()  # the turn to run torch.save's Python (see StepWriter._save_one)
+
+
+@contextmanager
+def _let_go(lock: threading.Lock) -> Iterator[None]:
+    """Release ``lock`` (held by this thread) for the block, then take it back."""
+    lock.release()
+    try:
+        yield
+    finally:
+        lock.acquire()
 _crc_users = 0
 _crc_saved = True
 
@@ -202,9 +213,13 @@ class _HashingFile:
         self._waited = 0  # bytes known to be on the device
         self.size = 0
         self.error: OSError | None = None  # torch's C++ writer may replace it with its own message
+        self.turns: threading.Lock | None = None  # held while serialising; let go during large writes
 
     def write(self, data: bytes | memoryview) -> int:
         try:
+            if self.turns is not None and len(data) >= _BIG:
+                with _let_go(self.turns):
+                    return self._write(data)
             return self._write(data)
         except OSError as e:
             self.error = self.error or e
@@ -269,6 +284,7 @@ class _DirectFile:
         self._direct = True
         self._mode_lock = threading.Lock()
         self.error: OSError | None = None
+        self.turns: threading.Lock | None = None  # held while serialising; let go during large writes
         self._threads = [
             threading.Thread(target=self._run, name=f"ckptdb-pwrite-{i}", daemon=True) for i in range(_WRITERS)
         ]
@@ -286,6 +302,9 @@ class _DirectFile:
                 self._fill = fill + n
                 return n
         try:
+            if self.turns is not None and len(data) >= _BIG:
+                with _let_go(self.turns):
+                    return self._write(data)
             return self._write(data)
         except OSError as e:
             self.error = self.error or e
@@ -489,8 +508,13 @@ class StepWriter:
             )
             try:
                 try:
-                    with _no_torch_crc32():
-                        torch.save(f.obj, hf)  # type: ignore[arg-type]
+                    # serialising is Python under the GIL (the pickler, one write() per record): files
+                    # written at once take turns at it, and overlap only their large writes (copies
+                    # and I/O without the GIL), which let go of the turn
+                    with _serialising:
+                        hf.turns = _serialising
+                        with _no_torch_crc32():
+                            torch.save(f.obj, hf)  # type: ignore[arg-type]
                 finally:
                     if isinstance(hf, _DirectFile):
                         hf.close()
