@@ -138,6 +138,8 @@ def _let_go(lock: threading.Lock) -> Iterator[None]:
         yield
     finally:
         lock.acquire()
+
+
 _crc_users = 0
 _crc_saved = True
 
