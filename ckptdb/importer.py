@@ -39,6 +39,7 @@ import yaml
 
 from ckptdb import __version__, _hooks, _proc, validation
 from ckptdb.catalog import Catalog, ShardInfo, WriterInfo, open_existing
+from ckptdb.catalog.values import IMPORTED_TORCH_VERSION
 from ckptdb.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -339,7 +340,7 @@ def import_directory(
         pid=os.getpid(),
         start_time=_proc.process_start_time(os.getpid()),
         ckptdb_version=__version__,
-        torch_version="unknown",
+        torch_version=IMPORTED_TORCH_VERSION,
         python_version=platform.python_version(),
         boot_id=_proc.boot_id(),
         pid_ns=_proc.pid_namespace(),

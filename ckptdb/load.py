@@ -128,7 +128,7 @@ class Loader:
         ``check_digest``: the store checks the file's size and digest against the catalog on the
         bytes it loads (see :meth:`digest_on_load`)."""
         try:
-            return self._load(directory, s, info.step_nr, check_digest)
+            return self._load(info, directory, s, check_digest)
         except (CheckpointCorruptError, UnsafeCheckpointFileError) as e:
             self._record_failure(info, s, e)
             raise
@@ -142,7 +142,7 @@ class Loader:
         if not check_digest:
             return [self.load_file(info, directory, s, check_digest=False) for s in shards]
         results = self.ctx.store.load_torch_many(
-            directory, [(s.path, self._expect(s)) for s in shards], info.step_nr, mmap=self.ctx.load_options.mmap
+            directory, [(s.path, self._expect(info, s)) for s in shards], info.step_nr, mmap=self.ctx.load_options.mmap
         )
         for s, r in zip(shards, results, strict=False):
             if isinstance(r, BaseException):
@@ -152,12 +152,16 @@ class Loader:
         return results
 
     @staticmethod
-    def _expect(s: ShardInfo) -> FileRecord:
-        return FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest, checksum=s.remote_checksum)
+    def _expect(info: CheckpointInfo, s: ShardInfo) -> FileRecord:
+        return FileRecord(
+            s.path, s.size_bytes, s.hash_algorithm, s.digest, checksum=s.remote_checksum, trusted=info.saved_by_ckptdb
+        )
 
-    def _load(self, directory: str, s: ShardInfo, step_nr: int, check_digest: bool) -> Any:
-        expect = self._expect(s) if check_digest else None
-        return self.ctx.store.load_torch(directory, s.path, step_nr, mmap=self.ctx.load_options.mmap, expect=expect)
+    def _load(self, info: CheckpointInfo, directory: str, s: ShardInfo, check_digest: bool) -> Any:
+        expect = self._expect(info, s) if check_digest else None
+        return self.ctx.store.load_torch(
+            directory, s.path, info.step_nr, mmap=self.ctx.load_options.mmap, expect=expect
+        )
 
     def _record_failure(
         self, info: CheckpointInfo, s: ShardInfo, e: CheckpointCorruptError | UnsafeCheckpointFileError

@@ -198,7 +198,7 @@ def load_model(
         return _model_entry(sel, payload), sel.run.model_metadata
     try:
         step_dir = layout.step_path(Path(sel.run.checkpoint_dir), sel.checkpoint.step_nr, sel.checkpoint.directory)
-        rec = FileRecord(m.path, m.size_bytes, m.hash_algorithm, m.digest)
+        rec = FileRecord(m.path, m.size_bytes, m.hash_algorithm, m.digest, trusted=sel.checkpoint.saved_by_ckptdb)
         if verify:  # one read: the digest is taken from the mapped pages
             payload = load_torch_checked(step_dir, rec, sel.checkpoint.step_nr)
         else:

@@ -28,6 +28,11 @@ class ShardInfo:
     remote_checksum: str | None = None  # the object store's full-object checksum ("crc32c:<base64>")
 
 
+# ``torch_version`` of a checkpoint adopted by ``ckptdb import`` (documented in docs/sql.md): its
+# files were written by someone else, so their digests say only what was found, not what ckptdb wrote
+IMPORTED_TORCH_VERSION = "unknown"
+
+
 @dataclass(frozen=True, slots=True)
 class WriterInfo:
     """Who writes a checkpoint: recorded for reproducibility and for dead-writer detection."""
@@ -94,3 +99,9 @@ class CheckpointInfo:
     commit_seconds: float | None = None
     writer_boot_id: str | None = None
     writer_pid_ns: int | None = None
+
+    @property
+    def saved_by_ckptdb(self) -> bool:
+        """Written by ckptdb's save (not adopted by ``ckptdb import``): a file whose digest matches
+        holds exactly the bytes ckptdb's writer wrote."""
+        return self.torch_version != IMPORTED_TORCH_VERSION

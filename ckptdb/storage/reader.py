@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ckptdb.errors import CheckpointCorruptError, UnsafeCheckpointFileError
-from ckptdb.storage import layout
+from ckptdb.storage import layout, unpickle
 from ckptdb.storage.hashing import hash_file, new_hasher
 from ckptdb.storage.writer import FileRecord
 
@@ -65,10 +65,11 @@ def check_files(step_dir: Path, recs: Sequence[FileRecord], step_nr: int, *, dig
             raise e
 
 
-def load_torch(path: Path, step_nr: int, *, mmap: bool = True) -> Any:
-    """``torch.load(weights_only=True)``: never unpickle arbitrary objects."""
+def load_torch(path: Path, step_nr: int, *, mmap: bool = True, trusted: bool = False) -> Any:
+    """``torch.load(weights_only=True)``: never unpickle arbitrary objects (``unpickle.load``: the
+    collector paused; with ``trusted``, the caller has just checked the digest of a file ckptdb wrote)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return unpickle.load(path, mmap=mmap, trusted=trusted)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointFileError(
             f"checkpoint step {step_nr}: refusing to load {str(path)!r}: it holds objects a "
@@ -86,6 +87,33 @@ _WILLNEED = True
 _POP_CHUNK = 32 << 20  # populated and hashed piece by piece, in order
 _POP_THREADS = 4  # pieces being read in at once (parallel streams of one file)
 _MAPPED_MIN = 64 << 20  # smaller files: hash first, then load (as before)
+_MANY_RECORDS = 2048  # a trusted file of more zip records (tensors) than this: hash first, then the fast unpickler
+
+
+def _zip_records(path: Path) -> int | None:
+    """The number of records in the zip file at ``path`` (from its end-of-central-directory record,
+    zip64 included; torch writes no archive comment); None when that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < 22:
+                return None
+            f.seek(size - 22)
+            eocd = f.read(22)
+            if eocd[:4] != b"PK\x05\x06":
+                return None
+            n = int.from_bytes(eocd[10:12], "little")
+            if n != 0xFFFF or size < 22 + 20:
+                return n
+            f.seek(size - 22 - 20)  # zip64 locator: where the zip64 end record is
+            loc = f.read(20)
+            if loc[:4] != b"PK\x06\x07":
+                return None
+            f.seek(int.from_bytes(loc[8:16], "little"))
+            rec = f.read(56)
+            return int.from_bytes(rec[32:40], "little") if rec[:4] == b"PK\x06\x06" else None
+    except OSError:
+        return None
 
 
 def _load_madvise() -> Callable[[int, int], int] | None:
@@ -210,7 +238,9 @@ def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr:
     threads, each by :func:`_hash_mapping` (several pieces in flight, hashed in order from
     memory), so the digest check, the read and the page faults of a later use are one pass.
     A file that fails to load is hashed with ``read()``: a digest mismatch is reported as the damage
-    it is. Files under 64 MiB, and hosts without ``MADV_POPULATE_READ``, are hashed first, then loaded.
+    it is. Files under 64 MiB, hosts without ``MADV_POPULATE_READ``, and ``trusted`` records of
+    files with many tensors (where unpickling, not reading, is the cost) are hashed first, then
+    loaded; a ``trusted`` record's file is then unpickled by ``unpickle.load``'s fast path.
 
     Returns, per record in order, the loaded object or the exception its check or load raised
     (``CheckpointCorruptError`` on a mismatch; the object is then dropped). Loading stops at the
@@ -221,9 +251,14 @@ def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr:
     for i, rec in enumerate(recs):
         path = layout.shard_path(step_dir, rec.path, step_nr)
         try:
-            if _populate is None or rec.size_bytes < _MAPPED_MIN:
-                check_file(step_dir, rec, step_nr)
-                out.append(load_torch(path, step_nr, mmap=True))
+            fast = rec.trusted and unpickle.enabled()
+            if (
+                _populate is None
+                or rec.size_bytes < _MAPPED_MIN
+                or (fast and (_zip_records(path) or 0) > _MANY_RECORDS)
+            ):
+                check_file(step_dir, rec, step_nr)  # the digest before any unpickling
+                out.append(load_torch(path, step_nr, mmap=True, trusted=fast))
                 continue
             check_file(step_dir, rec, step_nr, digest=False)
             try:

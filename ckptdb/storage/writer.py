@@ -42,6 +42,9 @@ class FileRecord:
     kind: str = "state"
     # the object store's own checksum of the file ("crc32c:<base64>", full-object), None on a filesystem
     checksum: str | None = None
+    # set by a reader, not stored: the row was written by ckptdb's save (``CheckpointInfo.saved_by_ckptdb``),
+    # so bytes matching ``digest`` are what its writer wrote (``unpickle.load``'s fast path may take them)
+    trusted: bool = False
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,0 +1,161 @@
+"""A faster weights-only load for files whose digest proves that ckptdb's writer produced them.
+
+``torch.load(weights_only=True)`` unpickles with a pure-Python interpreter of the pickle opcodes.
+For a file of many small tensors that interpreter is most of the load (50 000 tensors: ~2.8 s of
+which ~1.2 s is the interpreter alone). This module loads such files through the same
+``torch.load`` machinery (zip records, storages, ``mmap``, ``map_location``) but with CPython's C
+unpickler, restricted by :meth:`_Unpickler.find_class` to a short list of globals: the ones
+``torch.save`` writes for tensors, parameters and the plain values that ckptdb's save accepts
+(``safety.check_weights_only_safe``). Any other global, a legacy (non-zip) file, or any error ends
+the fast attempt and the file is loaded again by ``torch.load(weights_only=True)``, whose answer
+(object or refusal) is final.
+
+When it is used (:func:`load` with ``trusted=True``, called by ``reader.load_torch_checked_many``): only on bytes
+whose digest was checked against the catalog *before* unpickling, in a checkpoint that ckptdb's own
+save wrote (not one adopted by ``ckptdb import``). Together these mean the pickle is one that
+``torch.save`` produced from a state that passed ckptdb's save-time checks. The restriction to the
+allow-list alone already rules out running code: no global outside it can be named, so no callable
+outside it can be reached (the C unpickler calls only what ``find_class`` returns, ``__setstate__``
+of what those build, and ``append``/``extend``/``add``/``__setitem__`` of containers). The digest
+requirement is there for what the C unpickler does not bound: a crafted ``LONG_BINPUT`` index makes
+it allocate a memo array of that size, which torch's Python unpickler (a dict) does not.
+
+``CKPTDB_NO_FAST_UNPICKLE=1`` turns this off (every file then goes through torch's unpickler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import pickle
+import threading
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class _NotFast(Exception):
+    """The fast load cannot decide this file: torch's weights-only load takes it."""
+
+
+# what torch.save writes for tensors, parameters and the plain values ckptdb's save accepts
+_WANTED = (
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor_v3",
+    "torch._utils._rebuild_parameter",
+    "builtins.set",
+    "builtins.complex",
+    "builtins.bytearray",
+    "collections.OrderedDict",
+    "collections.Counter",
+    "_codecs.encode",  # bytes under pickle protocol 2
+    "torch.Size",
+    "torch.device",
+    "torch.serialization._get_layout",
+    "torch.storage.UntypedStorage",  # a type marker in persistent ids
+)
+
+
+def _allowed() -> dict[tuple[str, str], Any]:
+    """``_WANTED`` and torch's dtypes, each only where torch's weights-only unpickler allows it too
+    (so the fast load never accepts a global that ``torch.load(weights_only=True)`` refuses)."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        torch_allows: dict[str, Any] = _get_allowed_globals()
+    except (ImportError, AttributeError, TypeError):  # another torch: no fast load
+        return {}
+    out: dict[tuple[str, str], Any] = {}
+    for full, obj in torch_allows.items():
+        module, _, name = full.rpartition(".")
+        if full in _WANTED or (module == "torch" and isinstance(obj, torch.dtype)):
+            out[(module, name)] = obj
+            if module == "builtins":  # pickle protocol 2 names the module "__builtin__"
+                out[("__builtin__", name)] = obj
+    return out
+
+
+_ALLOWED = _allowed()
+
+
+class _Unpickler(pickle.Unpickler):
+    """CPython's C unpickler; globals only from the allow-list (torch's wrapper adds its storage types)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _ALLOWED.get((module, name))
+        if obj is None:
+            raise _NotFast(f"{module}.{name} is not on the fast load's list")
+        return obj
+
+
+def _legacy_load(*args: Any, **kwargs: Any) -> Any:
+    raise _NotFast("not a zip file")
+
+
+# the ``pickle_module`` handed to torch.load: torch subclasses its Unpickler (adding storage types)
+_PICKLE = types.ModuleType("ckptdb_fast_unpickle")
+_PICKLE.Unpickler = _Unpickler  # type: ignore[attr-defined]
+_PICKLE.load = _legacy_load  # type: ignore[attr-defined]
+_PICKLE.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
+
+fast_loads = 0  # files loaded by the fast path in this process (tests and benchmarks read it)
+
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while unpickling: a load builds many container objects, each of
+    which counts towards the collector's thresholds, so the collector would walk every object of the
+    process again and again (for 50 000 tensors: ~1 s of a ~2 s load). Collection resumes when the
+    last of the threads loading at once is done; nothing is lost, only postponed."""
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+def enabled() -> bool:
+    return (
+        bool(_ALLOWED)
+        and os.environ.get("CKPTDB_NO_FAST_UNPICKLE") != "1"
+        # torch refuses a pickle_module when weights-only loads are forced
+        and os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0") in ("0", "")
+    )
+
+
+def load(path: Path, *, mmap: bool, trusted: bool = False) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)``, with the collector paused.
+
+    ``trusted``: the file's digest was just checked against a catalog row that ckptdb's save wrote
+    (see the module's docstring); the C unpickler then loads it when it stays within the allow-list.
+    Raises what ``torch.load(weights_only=True)`` raises."""
+    global fast_loads
+    with gc_paused():
+        if trusted and enabled():
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE, mmap=mmap)
+            except Exception:  # noqa: BLE001 - torch's weights-only load below gives the answer
+                pass
+            else:
+                fast_loads += 1
+                return obj
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+__all__ = ["enabled", "gc_paused", "load"]
