@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ckptdb.storage.gcpause import paused_gc
+
 _DICTS: tuple[type, ...] = (dict, collections.OrderedDict, collections.Counter)
 _SEQUENCES: tuple[type, ...] = (list, tuple, set, frozenset)
 _PLAIN: tuple[type, ...] = (torch.Tensor, torch.nn.Parameter)
@@ -164,7 +166,8 @@ class StagingArea:
 
         copy = _copier(stage_tensor)
         try:
-            result = copy(obj)
+            with paused_gc():  # the copy's containers and tensors would set off the collector (gcpause)
+                result = copy(obj)
             if fill_dst:
                 with torch.no_grad():
                     torch._foreach_copy_(fill_dst, fill_src)

@@ -25,17 +25,15 @@ it allocate a memo array of that size, which torch's Python unpickler (a dict) d
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import pickle
-import threading
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ckptdb.storage.gcpause import paused_gc
 
 
 class _NotFast(Exception):
@@ -104,31 +102,6 @@ _PICKLE.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
 
 fast_loads = 0  # files loaded by the fast path in this process (tests and benchmarks read it)
 
-_gc_lock = threading.Lock()
-_gc_pausers = 0
-_gc_was_enabled = False
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while unpickling: a load builds many container objects, each of
-    which counts towards the collector's thresholds, so the collector would walk every object of the
-    process again and again (for 50 000 tensors: ~1 s of a ~2 s load). Collection resumes when the
-    last of the threads loading at once is done; nothing is lost, only postponed."""
-    global _gc_pausers, _gc_was_enabled
-    with _gc_lock:
-        if _gc_pausers == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pausers += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_was_enabled:
-                gc.enable()
-
 
 def enabled() -> bool:
     return (
@@ -146,7 +119,7 @@ def load(path: Path, *, mmap: bool, trusted: bool = False) -> Any:
     (see the module's docstring); the C unpickler then loads it when it stays within the allow-list.
     Raises what ``torch.load(weights_only=True)`` raises."""
     global fast_loads
-    with gc_paused():
+    with paused_gc():
         if trusted and enabled():
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE, mmap=mmap)
@@ -158,4 +131,4 @@ def load(path: Path, *, mmap: bool, trusted: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-__all__ = ["enabled", "gc_paused", "load"]
+__all__ = ["enabled", "load"]

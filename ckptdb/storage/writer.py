@@ -27,6 +27,7 @@ import torch
 from ckptdb import _hooks
 from ckptdb.errors import CheckpointError, InvalidOperationError
 from ckptdb.storage import layout
+from ckptdb.storage.gcpause import paused_gc
 from ckptdb.storage.hashing import Hasher, new_hasher
 
 
@@ -515,8 +516,9 @@ class StepWriter:
                 try:
                     # serialising is Python under the GIL (the pickler, one write() per record): files
                     # written at once take turns at it, and overlap only their large writes (copies
-                    # and I/O without the GIL), which let go of the turn
-                    with _serialising:
+                    # and I/O without the GIL), which let go of the turn; the pickler's memo and
+                    # per-tensor tuples would otherwise set off the cyclic collector (gcpause)
+                    with _serialising, paused_gc():
                         hf.turns = _serialising
                         with _no_torch_crc32():
                             torch.save(f.obj, hf)  # type: ignore[arg-type]

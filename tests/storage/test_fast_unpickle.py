@@ -233,3 +233,25 @@ def test_zip_record_count(tmp_path: Path) -> None:
     junk.write_bytes(b"\x00" * 100)
     assert reader._zip_records(junk) is None
     assert reader._zip_records(tmp_path / "absent") is None
+
+
+def test_saves_pause_the_collector_and_restore_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptdb import SaveOptions
+    from ckptdb.storage import writer
+
+    seen: list[bool] = []
+    orig = torch.save
+
+    def spy(*a: Any, **k: Any) -> Any:
+        seen.append(gc.isenabled())
+        return orig(*a, **k)
+
+    monkeypatch.setattr(writer.torch, "save", spy)
+    for blocking in (True, False):
+        mgr = FileCheckpointManager(tmp_path / f"ck{blocking}", save_options=SaveOptions(blocking=blocking))
+        mgr.begin_checkpoint(1)
+        mgr.save_state({"model": {"w": torch.ones(3)}, "trainer": {"step": 1}})
+        mgr.commit_checkpoint()
+        mgr.wait()
+        assert gc.isenabled()
+    assert seen and not any(seen)
