@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import limits  # noqa: E402
-from save_load_bench import files_under, make_state, parts, tensors, touch_all  # noqa: E402
+from save_load_bench import files_under, make_small_state, make_state, parts, tensors, touch_all  # noqa: E402
 
-from ckptdb import FileCheckpointManager  # noqa: E402
-from ckptdb.storage import reader  # noqa: E402
+from ckptdb import FileCheckpointManager, SaveOptions  # noqa: E402
+from ckptdb.storage import reader, unpickle  # noqa: E402
 from ckptdb.storage import writer as W  # noqa: E402
 
 
@@ -157,19 +157,100 @@ def bench_loads(state: dict[str, Any], base: Path, reps: int) -> None:
     mgr.close()
 
 
+def bench_small(n: int, base: Path, reps: int) -> None:
+    """The state of ``n`` small tensors: whole saves and loads against torch.save / torch.load of it."""
+    state = make_small_state(n)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors(state))
+    sync = FileCheckpointManager(base / "sync")
+    asyn = FileCheckpointManager(base / "async", save_options=SaveOptions(blocking=False))
+    src = tensors(state)
+    dst = [torch.empty_like(t) for t in src]
+    stalls: list[float] = []
+
+    def ck_save(mgr: FileCheckpointManager) -> Callable[[int], None]:
+        def run(i: int) -> None:
+            for old in mgr.get_step_numbers():
+                mgr.delete_checkpoint(old)
+            t = time.perf_counter()
+            mgr.begin_checkpoint(i + 1)
+            mgr.save_state(state)
+            mgr.commit_checkpoint()
+            if mgr is asyn:
+                stalls.append(time.perf_counter() - t)
+            mgr.wait()
+
+        return run
+
+    def torch_save(_i: int) -> None:
+        p = base / "torch.pt"
+        with open(p, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def memcpy(_i: int) -> None:
+        for a, b in zip(dst, src, strict=True):
+            a.copy_(b)
+
+    ref = "torch.save + fsync"
+    methods = {"ckptdb sync save": ck_save(sync), "ckptdb async save (total)": ck_save(asyn), ref: torch_save}
+    times = _run(methods, reps, os.sync)
+    _table(f"saves, {n} small tensors", times, nbytes, ref)
+    cp = _run({"copy into reused tensors": memcpy}, reps, lambda: None)["copy into reused tensors"]
+    print(
+        f"\nasync stall: median {statistics.median(stalls):.3f} s; copy of the state into reused tensors: "
+        f"median {statistics.median(cp):.3f} s; stall / copy {statistics.median(stalls) / statistics.median(cp):.2f}x"
+    )
+
+    step = max(sync.get_step_numbers())
+    files = [p for p in files_under(base / "sync" / f"step_{step}") if p.suffix == ".pt"]
+    torch_file = base / "torch.pt"
+
+    def ck_load(fast: bool) -> Callable[[int], None]:
+        def run(_i: int) -> None:
+            if not fast:
+                os.environ["CKPTDB_NO_FAST_UNPICKLE"] = "1"
+            try:
+                touch_all(sync.load_checkpoint(step))
+            finally:
+                os.environ.pop("CKPTDB_NO_FAST_UNPICKLE", None)
+
+        return run
+
+    ref = "torch.load(mmap=True) + touch all"
+    before = unpickle.fast_loads
+    methods = {
+        "ckptdb load_checkpoint (digests) + touch all": ck_load(True),
+        "ckptdb, torch's unpickler (CKPTDB_NO_FAST_UNPICKLE=1)": ck_load(False),
+        ref: lambda _i: touch_all(torch.load(torch_file, weights_only=True, mmap=True)),
+        "torch.load + touch all": lambda _i: touch_all(torch.load(torch_file, weights_only=True)),
+    }
+    times = _run(methods, reps, lambda: limits.evict([*files, torch_file]))
+    _table(f"cold loads, {n} small tensors", times, nbytes, ref)
+    print(f"\nfiles loaded by the C unpickler: {unpickle.fast_loads - before}")
+    sync.close()
+    asyn.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=1.0, help="state size (a transformer's model + AdamW moments)")
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--small", type=int, default=0, help="also: this many small tensors")
+    ap.add_argument("--only-small", action="store_true", help="skip the --gib state")
     ap.add_argument("--dir", type=Path, default=ROOT / ".benchtmp" / "paired")
     args = ap.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
-    state = make_state(args.gib)
-    print(f"python benchmarks/paired.py --gib {args.gib:g} --reps {args.reps}, torch {torch.__version__}")
+    print(f"python benchmarks/paired.py {' '.join(sys.argv[1:])}, torch {torch.__version__}")
     try:
-        bench_writes(state, args.dir, args.reps)
-        bench_loads(state, args.dir, args.reps)
+        if not args.only_small:
+            state = make_state(args.gib)
+            bench_writes(state, args.dir, args.reps)
+            bench_loads(state, args.dir, args.reps)
+            del state
+        if args.small:
+            bench_small(args.small, args.dir / "small", args.reps)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
 

@@ -811,8 +811,11 @@ NOTES = [
     "**loads** return every tensor and then read one value per 4 KiB page of each (`touch all`), so lazy "
     "and eager loads pay the same. ckptdb's load checks every file's size, maps each file with "
     "`torch.load(mmap=True)`, then reads the mapped pages in (4 threads per file, the files at once) and "
-    "hashes them from memory: one pass over the disk, digests checked before anything is returned. DCP "
-    "loads into preallocated tensors.",
+    "hashes them from memory: one pass over the disk, digests checked before anything is returned. A file "
+    "of many tensors (over 2048 zip records; here the 50 000 small tensors) and every file under 64 MiB is "
+    "hashed first and then unpickled by CPython's C unpickler restricted to an allow-list "
+    "(`ckptdb/storage/unpickle.py`; only files ckptdb wrote, digest checked first), with the cyclic garbage "
+    "collector paused. DCP loads into preallocated tensors.",
     "**profile** rows time the parts of ckptdb's save alone: `torch.save` into a sink that only counts bytes "
     "(serialising), xxh3-128 over the payload, and the file writer without the catalog (serialise + hash "
     "+ write + fsync, overlapped). The sync save minus the file writer is the catalog, directory fsyncs "

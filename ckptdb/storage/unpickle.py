@@ -10,15 +10,20 @@ unpickler, restricted by :meth:`_Unpickler.find_class` to a short list of global
 the fast attempt and the file is loaded again by ``torch.load(weights_only=True)``, whose answer
 (object or refusal) is final.
 
-When it is used (:func:`load` with ``trusted=True``, called by ``reader.load_torch_checked_many``): only on bytes
-whose digest was checked against the catalog *before* unpickling, in a checkpoint that ckptdb's own
-save wrote (not one adopted by ``ckptdb import``). Together these mean the pickle is one that
-``torch.save`` produced from a state that passed ckptdb's save-time checks. The restriction to the
-allow-list alone already rules out running code: no global outside it can be named, so no callable
-outside it can be reached (the C unpickler calls only what ``find_class`` returns, ``__setstate__``
-of what those build, and ``append``/``extend``/``add``/``__setitem__`` of containers). The digest
-requirement is there for what the C unpickler does not bound: a crafted ``LONG_BINPUT`` index makes
-it allocate a memo array of that size, which torch's Python unpickler (a dict) does not.
+When it is used (:func:`load` with ``trusted=True``, called by ``reader.load_torch_checked_many``):
+only on bytes whose digest was checked against the catalog *before* unpickling, in a checkpoint
+that ckptdb's own save wrote (not one adopted by ``ckptdb import``). Together these mean the pickle
+is one that ``torch.save`` produced from a state that passed ckptdb's save-time checks.
+
+What the allow-list alone guarantees, for any bytes: no global outside it can be named, so no
+callable outside it can be reached and no code runs (the C unpickler calls only what
+``find_class`` returns, ``__setstate__`` of what those build, and ``append``/``extend``/``add``/
+``__setitem__`` of containers); globals that could take attributes are handed out as stand-ins made
+for one load (``_Unpickler``), so no pickle changes anything beyond the objects it builds. What it
+does not guarantee, and torch's unpickler does: the C unpickler lets BUILD set attributes on the
+objects it builds where torch refuses, and a crafted ``LONG_BINPUT`` index makes it allocate a memo
+array of that size (torch's Python unpickler keeps a dict). The digest-first rule is for those: a
+pickle ckptdb's writer produced has neither.
 
 ``CKPTDB_NO_FAST_UNPICKLE=1`` turns this off (every file then goes through torch's unpickler).
 """
@@ -54,8 +59,29 @@ _WANTED = (
     "torch.Size",
     "torch.device",
     "torch.serialization._get_layout",
-    "torch.storage.UntypedStorage",  # a type marker in persistent ids
 )
+# Not ``torch.storage.UntypedStorage`` (torch writes it for dtypes without a legacy storage class, e.g.
+# float8): a Python class, so a pickle that names it could set attributes on it for the whole process;
+# such files take torch's own load.
+
+
+def _mutable(obj: Any) -> bool:
+    """Whether a pickle's BUILD could set attributes on ``obj`` (Python functions and classes)."""
+    try:
+        obj.__ckptdb_probe__ = None
+    except (AttributeError, TypeError):
+        return False
+    del obj.__ckptdb_probe__
+    return True
+
+
+def _stand_in(fn: Any) -> Any:
+    """A new callable that calls ``fn``: what a crafted BUILD on it changes is thrown away with it."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return call
 
 
 def _allowed() -> dict[tuple[str, str], Any]:
@@ -80,14 +106,28 @@ def _allowed() -> dict[tuple[str, str], Any]:
 _ALLOWED = _allowed()
 
 
+_MUTABLE = frozenset(k for k, v in _ALLOWED.items() if _mutable(v))  # the rebuild functions, Counter
+
+
 class _Unpickler(pickle.Unpickler):
-    """CPython's C unpickler; globals only from the allow-list (torch's wrapper adds its storage types)."""
+    """CPython's C unpickler; globals only from the allow-list (torch's wrapper adds its storage types).
+
+    Unlike torch's unpickler, the C one applies BUILD to whatever object is on its stack, the globals
+    it was handed included. So an allowed global that could take attributes (a Python function,
+    ``Counter``) is handed out as a stand-in made for this load alone: no pickle can change
+    anything that outlives its own load."""
 
     def find_class(self, module: str, name: str) -> Any:
-        obj = _ALLOWED.get((module, name))
+        key = (module, name)
+        obj = _ALLOWED.get(key)
         if obj is None:
             raise _NotFast(f"{module}.{name} is not on the fast load's list")
-        return obj
+        if key not in _MUTABLE:
+            return obj
+        made: dict[tuple[str, str], Any] = self.__dict__.setdefault("_stand_ins", {})
+        if key not in made:
+            made[key] = _stand_in(obj)
+        return made[key]
 
 
 def _legacy_load(*args: Any, **kwargs: Any) -> Any:

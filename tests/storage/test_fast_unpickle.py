@@ -255,3 +255,51 @@ def test_saves_pause_the_collector_and_restore_it(tmp_path: Path, monkeypatch: p
         mgr.wait()
         assert gc.isenabled()
     assert seen and not any(seen)
+
+
+def _torch_zip_with_pickle(path: Path, pkl: bytes) -> None:
+    """A torch.save zip whose data.pkl is ``pkl`` (the other records as torch wrote them)."""
+    buf = io.BytesIO()
+    torch.save({}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = pkl if info.filename.endswith("/data.pkl") else src.read(info)
+            dst.writestr(info.filename, data)
+
+
+def _sets_attributes_on_globals() -> bytes:
+    """Pickle (protocol 2): BUILD with a slot state on two allowed globals, then returns {'ok': 1}."""
+
+    def build_on(module: bytes, name: bytes) -> bytes:
+        # GLOBAL; state (None, {'zz_pwned': 1}); BUILD -> setattr(global, 'zz_pwned', 1); POP
+        return b"c" + module + b"\n" + name + b"\n" + b"N}X\x08\x00\x00\x00zz_pwnedK\x01s\x86b0"
+
+    return (
+        b"\x80\x02"
+        + build_on(b"torch._utils", b"_rebuild_tensor_v2")
+        + build_on(b"collections", b"Counter")
+        + b"}X\x02\x00\x00\x00okK\x01s."
+    )
+
+
+def test_a_pickle_cannot_change_the_globals_it_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the C unpickler applies BUILD to any object on its stack; torch's refuses it on these. Handing
+    # out stand-ins keeps the real function and class untouched
+    path = tmp_path / "build.pt"
+    _torch_zip_with_pickle(path, _sets_attributes_on_globals())
+    before = unpickle.fast_loads
+    assert unpickle.load(path, mmap=False, trusted=True) == {"ok": 1}
+    assert unpickle.fast_loads == before + 1  # the fast path took it, and
+    assert not hasattr(torch._utils._rebuild_tensor_v2, "zz_pwned")
+    assert not hasattr(collections.Counter, "zz_pwned")
+    with pytest.raises(UnsafeCheckpointFileError):  # torch's unpickler refuses the BUILDs; such bytes
+        reader.load_torch(path, 1)  # reach the fast path only if the catalog's digest says ckptdb wrote them
+    # without the stand-ins the same bytes would have changed them for the whole process
+    monkeypatch.setattr(unpickle, "_MUTABLE", frozenset())
+    try:
+        unpickle.load(path, mmap=False, trusted=True)
+        assert getattr(collections.Counter, "zz_pwned", None) == 1
+    finally:
+        for obj in (torch._utils._rebuild_tensor_v2, collections.Counter):
+            if hasattr(obj, "zz_pwned"):
+                delattr(obj, "zz_pwned")
