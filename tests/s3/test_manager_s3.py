@@ -188,3 +188,23 @@ def test_a_changed_byte_is_caught_by_the_load(moto_bucket: Bucket, catalog_url: 
     assert step == 1
     assert_state_equal(state, make_state(1))
     m.close()
+
+
+def test_loads_of_files_ckptdb_wrote_use_the_fast_unpickler(moto_server: object, catalog_url: str) -> None:
+    from ckptdb import LoadOptions
+    from ckptdb.storage import unpickle
+
+    b = Bucket(moto_server, moto_server.new_bucket())  # type: ignore[attr-defined]
+    m = manager(b, catalog_url)
+    state = {"model": {f"p{i}": torch.full((8,), float(i)) for i in range(50)}, "trainer": {"step": 3}}
+    m.begin_checkpoint(3)
+    m.save_state(state)
+    m.commit_checkpoint()
+    before = unpickle.fast_loads
+    got = m.load_checkpoint(3)  # digests checked on the fetched bytes first
+    assert unpickle.fast_loads == before + (2 if unpickle.enabled() else 0)
+    assert_state_equal(got, state)
+    sized = manager(b, catalog_url, load_options=LoadOptions(verify="size"))
+    before = unpickle.fast_loads
+    assert_state_equal(sized.load_checkpoint(3), state)
+    assert unpickle.fast_loads == before  # no digest checked before unpickling: torch's unpickler
