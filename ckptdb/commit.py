@@ -92,6 +92,9 @@ class OpenCheckpoint:
     staged: list[TorchFile] = dataclasses.field(default_factory=list)  # asynchronous saves: written at commit
     stage_seconds: float = 0.0
     last_beat: float = dataclasses.field(default_factory=time.monotonic)  # begin wrote the first heartbeat
+    # asynchronous saves: the row and the directory are not made yet (``Committer.begun`` makes them,
+    # in the background commit or before a write that needs the directory); the begin's overwrite flag
+    deferred: bool | None = None
 
 
 class Committer:
@@ -110,10 +113,14 @@ class Committer:
 
     # -- begin ----------------------------------------------------------------------------------
 
-    def require_open(self) -> OpenCheckpoint:
+    def require_open(self, *, begun: bool = True) -> OpenCheckpoint:
+        """The open checkpoint; with ``begun``, its row and directory made first (a deferred begin)."""
         if self.open is None:
             raise InvalidOperationError("`begin_checkpoint()` must be called first.")
-        return self.open
+        op = self.open
+        if begun and op.deferred is not None:
+            self.begun(op)
+        return op
 
     def writer(self, step_nr: int, token: str) -> AttemptWriter:
         opts = self.ctx.save_options
@@ -122,31 +129,28 @@ class Committer:
         )
 
     def begin(self, step_nr: int, overwrite: bool) -> None:
-        """A 'pending' catalog row, then the attempt's directory (``step_nr`` already validated)."""
+        """A 'pending' catalog row, then the attempt's directory (``step_nr`` already validated).
+
+        An asynchronous save (``SaveOptions(blocking=False)``, one process) only checks here what the
+        row's insert would refuse (the step's directory, then one catalog read): the row and the
+        directory are made by the background commit, before its first write (:meth:`begun`), so the
+        save's stall holds no catalog transaction and no fsync. Until then nothing of the attempt
+        exists, in the catalog or on disk; a writer that began the same step in between makes that
+        commit fail (its error is raised by the next call, as for any background failure).
+        """
         ctx = self.ctx
+        if not ctx.save_options.blocking and ctx.gang.size == 1:
+            self.check_step_dir_free(step_nr, overwrite)
+            ctx.catalog.check_begin(ctx.run.id, step_nr, overwrite=overwrite)
+            token = secrets.token_hex(8)
+            self.open = OpenCheckpoint(None, step_nr, token, self.writer(step_nr, token), deferred=overwrite)
+            return
 
         def coordinator() -> tuple[CheckpointInfo, str]:
             self.check_step_dir_free(step_nr, overwrite)
             token = secrets.token_hex(8)
-            info = ctx.catalog.begin(
-                ctx.run.id,
-                step_nr,
-                token,
-                ctx.store.committed_dir(step_nr, token),
-                ctx.writer_info(),
-                hash_algorithm=ctx.save_options.hash_algorithm,
-                overwrite=overwrite,
-            )
-            hold_token(token, self)
-            _hooks.hook("save.after_begin")
             writer = self.writer(step_nr, token)
-            try:
-                writer.open(create=True)
-            except OSError as e:
-                ctx.catalog.abort(info.id, f"could not create the step directory: {e}", ctx.who)
-                release_token(token)
-                raise CheckpointError(f"step {step_nr}: cannot create {writer.where!r}: {e}; nothing was saved") from e
-            _hooks.hook("save.after_mkdir")
+            info = self.make_attempt(step_nr, overwrite, token, writer)
             begun.append((info, token))
             return info, token
 
@@ -162,6 +166,45 @@ class Committer:
         self.open = OpenCheckpoint(
             info if ctx.is_coordinator else None, step_nr, info.token, self.writer(step_nr, token)
         )
+
+    def make_attempt(self, step_nr: int, overwrite: bool, token: str, writer: AttemptWriter) -> CheckpointInfo:
+        """The pending row (token ``token``), then the attempt's directory; the row is aborted if the
+        directory cannot be made."""
+        ctx = self.ctx
+        info = ctx.catalog.begin(
+            ctx.run.id,
+            step_nr,
+            token,
+            ctx.store.committed_dir(step_nr, token),
+            ctx.writer_info(),
+            hash_algorithm=ctx.save_options.hash_algorithm,
+            overwrite=overwrite,
+        )
+        hold_token(token, self)
+        _hooks.hook("save.after_begin")
+        try:
+            writer.open(create=True)
+        except OSError as e:
+            ctx.catalog.abort(info.id, f"could not create the step directory: {e}", ctx.who)
+            release_token(token)
+            raise CheckpointError(f"step {step_nr}: cannot create {writer.where!r}: {e}; nothing was saved") from e
+        _hooks.hook("save.after_mkdir")
+        return info
+
+    def begun(self, op: OpenCheckpoint) -> None:
+        """Make a deferred begin's row and directory (one process). If that fails, the checkpoint is
+        closed (nothing of it exists) and the error raised."""
+        if op.deferred is None:
+            return
+        self.check_step_dir_free(op.step_nr, op.deferred)  # again: time has passed since begin_checkpoint
+        try:
+            op.info = self.make_attempt(op.step_nr, op.deferred, op.token, op.writer)
+        except BaseException:
+            if self.open is op:
+                self.open = None
+            raise
+        op.deferred = None
+        op.last_beat = time.monotonic()
 
     def check_step_dir_free(self, step_nr: int, overwrite: bool) -> None:
         """Refuse a ``step_<N>`` in the store that the catalog cannot account for."""
@@ -253,7 +296,7 @@ class Committer:
     def save_state(self, state: Mapping[str, Any], model_key: str, replicated_keys: Set[str]) -> None:
         """fairseq2's layout: ``model.pt``, ``replicated.pt``, ``rank_<dp>.pt``; sharded values via DCP."""
         ctx = self.ctx
-        op = self.require_open()
+        op = self.require_open(begun=False)  # staged in memory: the row can wait (asynchronous saves)
         tp_rank, tp_size = ctx.sfx
         dp_rank, dp_size = ctx.dp_gang.rank, ctx.dp_gang.size
         if op.state_saved:  # the same answer on every rank: no rank is left in a collective
@@ -314,6 +357,7 @@ class Committer:
         op.state_saved = True
         self.write_all(op, "save_state", write)
         if sharded:
+            self.begun(op)
             self.write_all(op, "save_state (sharded)", lambda: self.save_sharded(op, {k: state[k] for k in sharded}))
         _hooks.hook("save.after_write")
         self.heartbeat(op)
@@ -363,7 +407,7 @@ class Committer:
         self.heartbeat(op)
 
     def save_score(self, score: float | None, metric: str) -> None:
-        op = self.require_open()
+        op = self.require_open(begun=False)
         if score is None:
             return
         op.scores[validation.name(metric, "metric")] = validation.score(score)
@@ -385,7 +429,7 @@ class Committer:
     # -- commit ---------------------------------------------------------------------------------
 
     def commit_checkpoint(self, blocking: bool) -> None:
-        op = self.require_open()
+        op = self.require_open(begun=False)  # commit() makes a deferred begin's row first
         if blocking:
             self.commit(op)
             return
@@ -401,6 +445,7 @@ class Committer:
         ctx = self.ctx
         store = ctx.store
         _hooks.hook("commit.start")
+        self.begun(op)  # an asynchronous save's row and directory, before its first write
         self.heartbeat(op)  # the staged writes and fsyncs below may take long: start them with a fresh beat
         if op.staged:
             staged, op.staged = op.staged, []
@@ -528,7 +573,7 @@ class Committer:
         return None
 
     def abort_checkpoint(self) -> None:
-        op = self.require_open()
+        op = self.require_open(begun=False)  # a deferred begin made nothing: nothing to undo
         try:
             if self.ctx.gang.size > 1:
                 collective(self.ctx.gang, self.ctx.gang.barrier, "abort_checkpoint")

@@ -24,9 +24,10 @@ docs/distributed.md)::
                                    catalog: 'pending' -> 'committed' with every file's size and digest
       | abort_checkpoint()         catalog: 'pending' -> 'aborted'      disk: remove step_N.tmp-<token>/
 
-Asynchronous saves (one process; ``SaveOptions(blocking=False)``): ``save_state`` copies the
+Asynchronous saves (one process; ``SaveOptions(blocking=False)``): ``begin_checkpoint`` only
+checks (the row and the directory are made by the background commit), ``save_state`` copies the
 state into reused host staging buffers instead of writing it, ``commit_checkpoint()`` returns at
-once and a background thread writes, hashes, fsyncs, renames and commits the catalog row
+once and a background thread begins, writes, hashes, fsyncs, renames and commits the catalog row
 (:mod:`ckptdb.asyncsave`). The next manager call waits for it and raises its error, if any;
 ``wait()`` does so explicitly. Training may change its tensors as soon as ``save_state`` returns.
 
@@ -287,6 +288,10 @@ class FileCheckpointManager:
         ``load_last_checkpoint`` fell back past it) may be saved again without ``overwrite``: the
         commit supersedes the damaged copy, whose files stay in place until then.
 
+        With ``SaveOptions(blocking=False)`` this checks and makes nothing: the row and the directory
+        are made by the background commit (a writer that takes the step in between makes that
+        commit fail; the next call raises ``BackgroundCommitError``).
+
         Raises:
             InvalidOperationError: a checkpoint is already open.
             CheckpointExistsError: ``step_nr`` is committed and ``overwrite`` is False.
@@ -314,7 +319,7 @@ class FileCheckpointManager:
         :meth:`load_sharded_state`. In a gang, a failure on any rank (refused value, disk error)
         rolls the checkpoint back and raises the same error on every rank.
         """
-        self._committer.require_open()
+        self._committer.require_open(begun=False)
         model_key = validation.name(model_key, "model_key")
         keys = validation.key_set(replicated_keys, "replicated_keys")
         self._committer.save_state(state, model_key, keys)
@@ -355,7 +360,7 @@ class FileCheckpointManager:
             >>> manager.commit_checkpoint()          # returns at once; training goes on
             >>> manager.wait()                       # optional: block until committed (or raise)
         """
-        self._committer.require_open()
+        self._committer.require_open(begun=False)
         self._committer.commit_checkpoint(self.save_options.blocking if blocking is None else blocking)
 
     def _after_commit(self, step_nr: int) -> None:

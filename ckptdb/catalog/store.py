@@ -43,6 +43,40 @@ _LIVE = [s.value for s in LIVE_STATES]
 _DAMAGED = (State.CORRUPT, State.MISSING)
 
 
+def _begin_rows(s: Session, run_id: int, step_nr: int) -> list[Checkpoint]:
+    """The pending writer and the live copy of ``step_nr``, if any (one round trip)."""
+    return list(
+        s.execute(
+            select(Checkpoint).where(
+                Checkpoint.run_id == run_id,
+                Checkpoint.step_nr == step_nr,
+                Checkpoint.state.in_([State.PENDING.value, *_LIVE]),
+            )
+        )
+        .scalars()
+        .all()
+    )
+
+
+def _refuse_begin(rows: list[Checkpoint], step_nr: int, overwrite: bool) -> None:
+    pending = next((r for r in rows if State(r.state) == State.PENDING), None)
+    if pending is not None:
+        raise InvalidOperationError(
+            f"step {step_nr} is already being written by {pending.writer_host} pid {pending.writer_pid}"
+        )
+    live = next((r for r in rows if State(r.state).value in _LIVE), None)
+    # a damaged copy (corrupt, missing) does not block saving the step again: the new
+    # commit supersedes it (its files are set aside until then, as for an overwrite)
+    if live is not None and not overwrite and State(live.state) not in _DAMAGED:
+        raise CheckpointExistsError(
+            f"step {step_nr} already has a {State(live.state).value} checkpoint; pass "
+            "overwrite=True to replace it (the old copy is kept until the new one commits)",
+            step_nr=step_nr,
+        )
+    if live is not None and State(live.state) == State.DELETING:
+        raise InvalidOperationError(f"step {step_nr} is being deleted; retry after it finishes")
+
+
 def _score_columns(value: float) -> tuple[float | None, str]:
     raw = repr(float(value))
     return (float(value) if math.isfinite(value) else None), raw
@@ -257,33 +291,7 @@ class Catalog:
     ) -> CheckpointInfo:
         """Insert the pending row (before any file is written)."""
         with self.db.transaction() as s:
-            rows = (
-                s.execute(
-                    select(Checkpoint).where(
-                        Checkpoint.run_id == run_id,
-                        Checkpoint.step_nr == step_nr,
-                        Checkpoint.state.in_([State.PENDING.value, *_LIVE]),
-                    )
-                )
-                .scalars()
-                .all()
-            )  # one round trip: the pending writer and the live copy of this step, if any
-            pending = next((r for r in rows if State(r.state) == State.PENDING), None)
-            if pending is not None:
-                raise InvalidOperationError(
-                    f"step {step_nr} is already being written by {pending.writer_host} pid {pending.writer_pid}"
-                )
-            live = next((r for r in rows if State(r.state).value in _LIVE), None)
-            # a damaged copy (corrupt, missing) does not block saving the step again: the new
-            # commit supersedes it (its files are set aside until then, as for an overwrite)
-            if live is not None and not overwrite and State(live.state) not in _DAMAGED:
-                raise CheckpointExistsError(
-                    f"step {step_nr} already has a {State(live.state).value} checkpoint; pass "
-                    "overwrite=True to replace it (the old copy is kept until the new one commits)",
-                    step_nr=step_nr,
-                )
-            if live is not None and State(live.state) == State.DELETING:
-                raise InvalidOperationError(f"step {step_nr} is being deleted; retry after it finishes")
+            _refuse_begin(_begin_rows(s, run_id, step_nr), step_nr, overwrite)
             c = Checkpoint(
                 run_id=run_id,
                 step_nr=step_nr,
@@ -298,6 +306,15 @@ class Catalog:
             s.flush()
             self._event(s, c.id, None, State.PENDING.value, "begin_checkpoint", (writer.host, writer.pid))
             return _ckpt_info(c)
+
+    def check_begin(self, run_id: int, step_nr: int, *, overwrite: bool) -> None:
+        """Raise what :meth:`begin` would raise now for ``step_nr``, writing nothing (one read).
+
+        An asynchronous save's ``begin_checkpoint`` asks this and leaves the insert to its background
+        commit; :meth:`begin` checks again in its own transaction.
+        """
+        with self.db.transaction(readonly=True) as s:
+            _refuse_begin(_begin_rows(s, run_id, step_nr), step_nr, overwrite)
 
     def heartbeat(self, ckpt_id: int) -> None:
         with self.db.transaction() as s:

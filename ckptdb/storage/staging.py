@@ -136,24 +136,21 @@ class StagingArea:
             return buf
 
         def stage_tensor(t: torch.Tensor) -> torch.Tensor:
-            if (
-                t.is_cpu
-                and t.layout is torch.strided
-                and not t.is_quantized
-                and not t.is_nested
-                and type(t) in _PLAIN
-                and not t.__dict__
-            ):
+            # the checks cheapest first: this runs once per tensor of the state, inside the stall
+            plain = t.layout is torch.strided and not t.is_quantized and not t.is_nested
+            if plain and t.is_cpu and type(t) in _PLAIN and not t.__dict__:
                 src = t.untyped_storage()
+                nbytes = src.nbytes()
                 if (
-                    src._cdata not in by_storage
+                    nbytes <= _WHOLE_MAX
+                    and src._cdata not in by_storage
                     and t.storage_offset() == 0
-                    and src.nbytes() <= _WHOLE_MAX
-                    and t.numel() * t.element_size() == src.nbytes()
+                    and t.numel() * t.element_size() == nbytes
                     and t.is_contiguous()
                 ):
                     return stage_whole(t, src)
-            if t.layout != torch.strided or t.device.type == "meta" or t.is_quantized or t.is_nested:
+                out = torch.empty(0, dtype=t.dtype).set_(stage_storage(src), t.storage_offset(), t.size(), t.stride())
+            elif not plain or t.device.type == "meta":
                 out = t.detach().to("cpu", copy=True)
             else:
                 storage = stage_storage(t.untyped_storage())
