@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import limits  # noqa: E402
-from save_load_bench import files_under, make_small_state, make_state, parts, tensors, touch_all  # noqa: E402
+from save_load_bench import files_under, like, make_small_state, make_state, parts, tensors, touch_all  # noqa: E402
 
 from ckptdb import FileCheckpointManager, SaveOptions  # noqa: E402
 from ckptdb.storage import reader, unpickle  # noqa: E402
@@ -142,15 +142,22 @@ def bench_loads(state: dict[str, Any], base: Path, reps: int) -> None:
 
         return run
 
+    target = like(state)
+
     ref = "raw: 2 streams, ranges, buffered"
     methods = {
         "ckptdb load_checkpoint (digests) + touch all": ck(True),
+        "ckptdb load_checkpoint(into=preallocated) (digests) + touch all": lambda _i: touch_all(
+            mgr.load_checkpoint(1, into=target)
+        ),
         "ckptdb, hash first then map (previous path)": ck(False),
         "torch.load(mmap=True) + touch all": lambda _i: touch_all(
             [torch.load(p, weights_only=True, mmap=True) for p in files]
         ),
         ref: raw(limits.Variant(2, "ranges", False)),
         "raw: 4 streams, ranges, buffered": raw(limits.Variant(4, "ranges", False)),
+        "raw: 1 stream, ranges, O_DIRECT": raw(limits.Variant(1, "ranges", True)),
+        "raw: 2 streams, ranges, O_DIRECT": raw(limits.Variant(2, "ranges", True)),
     }
     times = _run(methods, reps, lambda: limits.evict(files))
     _table("cold loads", times, sum(p.stat().st_size for p in files), ref)

@@ -74,6 +74,7 @@ ST_SAVE = "safetensors save_file + fsync"
 DCP2 = "DCP save (2 threads, sync_files)"
 DCP8 = "DCP save (8 threads, sync_files)"
 CK_LOAD = "ckptdb load_checkpoint (digests) + touch all"
+CK_INTO = "ckptdb load_checkpoint(into=preallocated) (digests) + touch all"
 TORCH_MMAP = "torch.load(mmap=True) + touch all"
 TORCH_LOAD = "torch.load + touch all"
 ST_LOAD = "safetensors load_file + touch all"
@@ -476,6 +477,7 @@ def bench_state(
     loads: list[Callable[[], None]] = [
         lambda: lim.read(ck_files),
         load(CK_LOAD, dirs["ck_sync"], lambda: sync_mgr.load_checkpoint(last)),
+        load(CK_INTO, dirs["ck_sync"], lambda: sync_mgr.load_checkpoint(last, into=target)),
         load(TORCH_MMAP, dirs["torch"], lambda: torch_load(True)),
         load(TORCH_LOAD, dirs["torch"], lambda: torch_load(False)),
     ]
@@ -655,7 +657,8 @@ def size_table(res: Results, label: str) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]
     order = [W_LIMIT, CK_SYNC, CK_SYNC_BUF, CK_ASYNC, DCP2, DCP8, ST_SAVE, TORCH_SAVE, CK_STALL, MEMCPY,
-             R_LIMIT, CK_LOAD, TORCH_MMAP, TORCH_LOAD, ST_LOAD, DCP_LOAD, P_SER, P_HASH, P_WRITER]  # fmt: skip
+             R_LIMIT, CK_LOAD, CK_INTO, TORCH_MMAP, TORCH_LOAD, ST_LOAD, DCP_LOAD, P_SER, P_HASH,
+             P_WRITER]  # fmt: skip
     for name in order:
         xs = res.rows.get((label, name))
         if not xs:
@@ -693,6 +696,17 @@ def targets(res: Results, label: str) -> list[str]:
         r = ratio(med(peer), load)
         if r is not None:
             lines.append(f"| load ≥ 1.0x {peer} | {fx(r)} | {verdict(r >= 1.0)} |")
+    into = med(CK_INTO)
+    if into:
+        r = ratio(rl, into)
+        lines.append(
+            f"| load into preallocated (digests, all touched, cold) ≥ 0.9x the read limit | {fx(r)} | "
+            f"{verdict(None if r is None else r >= 0.9)} |"
+        )
+        for peer in (TORCH_MMAP, TORCH_LOAD, ST_LOAD, DCP_LOAD):
+            r = ratio(med(peer), into)
+            if r is not None:
+                lines.append(f"| load into preallocated ≥ 1.0x {peer} | {fx(r)} | {verdict(r >= 1.0)} |")
     stall, cp = med(CK_STALL), med(MEMCPY)
     if stall and cp:
         lines.append(f"| async stall ≤ 1.2x {MEMCPY} | {stall / cp:.2f}x | {verdict(stall <= 1.2 * cp)} |")
@@ -859,7 +873,7 @@ def plot(res: Results, path: Path) -> None:
         (
             "loads (cold, all touched): read limit time / method time",
             R_LIMIT,
-            [CK_LOAD, TORCH_MMAP, TORCH_LOAD, ST_LOAD, DCP_LOAD],
+            [CK_LOAD, CK_INTO, TORCH_MMAP, TORCH_LOAD, ST_LOAD, DCP_LOAD],
         ),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(16, 6))

@@ -33,6 +33,7 @@ from ckptdb.errors import (
 )
 from ckptdb.recovery import set_aside_copy
 from ckptdb.storage import dcp as sharded_io
+from ckptdb.storage import into as into_mod
 from ckptdb.storage import layout
 from ckptdb.storage.writer import FileRecord
 from ckptdb.verify import directory_unavailable
@@ -134,15 +135,21 @@ class Loader:
             raise
 
     def load_files(
-        self, info: CheckpointInfo, directory: str, shards: list[ShardInfo], *, check_digest: bool
+        self, info: CheckpointInfo, directory: str, shards: list[ShardInfo], *, check_digest: bool, into: Any = None
     ) -> list[Any]:
         """:meth:`load_file` of each of ``shards``, in order. With ``check_digest`` the store loads them
         together (:meth:`Store.load_torch_many`: a local store reads and hashes the files at once);
-        the first failure in ``shards`` order is recorded and raised."""
+        the first failure in ``shards`` order is recorded and raised. With ``into``, tensors are
+        loaded into its tensors at the same key paths (:mod:`ckptdb.storage.into`)."""
         if not check_digest:
-            return [self.load_file(info, directory, s, check_digest=False) for s in shards]
+            loaded = [self.load_file(info, directory, s, check_digest=False) for s in shards]
+            return loaded if into is None else into_mod.copy_all_into(loaded, into)
         results = self.ctx.store.load_torch_many(
-            directory, [(s.path, self._expect(info, s)) for s in shards], info.step_nr, mmap=self.ctx.load_options.mmap
+            directory,
+            [(s.path, self._expect(info, s)) for s in shards],
+            info.step_nr,
+            mmap=self.ctx.load_options.mmap,
+            into=into,
         )
         for s, r in zip(shards, results, strict=False):
             if isinstance(r, BaseException):
@@ -171,9 +178,11 @@ class Loader:
         else:  # a file swapped for a hostile pickle: damage too
             self.mark_damaged(info, CheckpointCorruptError(info.step_nr, s.path, "a weights-only torch file", str(e)))
 
-    def load_checkpoint(self, step_nr: int, verify: str, sharded_state: dict[str, Any] | None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, step_nr: int, verify: str, sharded_state: dict[str, Any] | None, into: Any = None
+    ) -> dict[str, Any]:
         info, shards = self.ctx.on_coordinator(lambda: self.committed(step_nr), "load_checkpoint")
-        return self.load_state(info, shards, verify, sharded_state)
+        return self.load_state(info, shards, verify, sharded_state, into)
 
     def load_sharded_state(self, step_nr: int, state_dict: dict[str, Any], verify: str) -> None:
         info, shards = self.ctx.on_coordinator(lambda: self.committed(step_nr), "load_sharded_state")
@@ -214,8 +223,10 @@ class Loader:
         shards: list[ShardInfo],
         verify: str,
         sharded_state: dict[str, Any] | None = None,
+        into: Any = None,
     ) -> dict[str, Any]:
-        """This rank's state of ``info`` (its rank file, the replicated and the model file merged)."""
+        """This rank's state of ``info`` (its rank file, the replicated and the model file merged);
+        with ``into``, loaded into its tensors where it has them (:mod:`ckptdb.storage.into`)."""
         ctx = self.ctx
         tp_rank, tp_size = ctx.sfx
         wanted = [layout.rank_file(ctx.dp_gang.rank, tp_rank, tp_size), layout.replicated_file(tp_rank, tp_size)]
@@ -230,7 +241,9 @@ class Loader:
             self.verify_and_mark(info, [*mine, *([model] if model else [])], "size" if on_load else verify)
             directory = ctx.store.check_directory(info.step_nr, info.directory)
             state: dict[str, Any] = {}
-            parts = self.load_files(info, directory, [*mine, *([model] if model else [])], check_digest=on_load)
+            parts = self.load_files(
+                info, directory, [*mine, *([model] if model else [])], check_digest=on_load, into=into
+            )
             for s, part in zip(mine, parts, strict=False):
                 if not isinstance(part, dict):
                     raise CheckpointCorruptError(info.step_nr, s.path, "a dict", type(part).__name__)
@@ -260,7 +273,9 @@ class Loader:
             state.update(sharded_state)
         return state
 
-    def load_last_checkpoint(self, verify: str, sharded_state: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+    def load_last_checkpoint(
+        self, verify: str, sharded_state: dict[str, Any] | None, into: Any = None
+    ) -> tuple[int, dict[str, Any]]:
         """The newest committed checkpoint; a damaged one is skipped (warning; recorded) unless
         ``LoadOptions(fallback=False)``."""
         ctx = self.ctx
@@ -287,7 +302,7 @@ class Loader:
                 )
             info, shards = found
             try:
-                return info.step_nr, self.load_state(info, shards, verify, sharded_state)
+                return info.step_nr, self.load_state(info, shards, verify, sharded_state, into)
             except (CheckpointCorruptError, UnsafeCheckpointFileError) as e:
                 if not ctx.load_options.fallback:
                     raise

@@ -392,7 +392,12 @@ class FileCheckpointManager:
         return self.load_options.verify if verify is None else validation.verify_mode(verify)
 
     def load_checkpoint(
-        self, step_nr: int, *, verify: str | None = None, sharded_state: dict[str, Any] | None = None
+        self,
+        step_nr: int,
+        *,
+        verify: str | None = None,
+        sharded_state: dict[str, Any] | None = None,
+        into: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Load a committed checkpoint's state for this rank (model, rank and replicated files merged).
 
@@ -401,14 +406,25 @@ class FileCheckpointManager:
         is also loaded into it in place, resharded (see :meth:`load_sharded_state`), and its keys
         are included in the result.
 
+        With ``into`` (a state shaped like the saved one, e.g. ``{"model": model.state_dict(),
+        "optimizer": optimizer.state_dict()}``), each saved tensor at a key path ``into`` also has
+        is loaded into ``into``'s tensor there, in place, and the result holds that tensor: the
+        model's parameters are then loaded without ``load_state_dict``, and a large file is read
+        once straight into them (no new memory, no page cache; digests still checked). Tensors
+        only ``into`` has are left as they are; a dtype or shape that differs is refused
+        (``InvalidArgumentError`` naming the key) before anything is written. If the load fails
+        (a digest mismatch, an I/O error), ``into``'s tensors may hold part of it, as with DCP's
+        in-place load; load again, e.g. with :meth:`load_last_checkpoint`.
+
         Raises:
             CheckpointNotFoundError: no committed checkpoint at ``step_nr``.
             CheckpointCorruptError: a file's size or digest differs from the catalog (the catalog
                 then records the checkpoint as 'corrupt' or 'missing').
+            InvalidArgumentError: a tensor of ``into`` differs in dtype or shape from the saved one.
         """
         self.wait()
         step_nr = validation.step_nr(step_nr)
-        return self._loader.load_checkpoint(step_nr, self._verify_mode(verify), sharded_state)
+        return self._loader.load_checkpoint(step_nr, self._verify_mode(verify), sharded_state, into)
 
     def load_sharded_state(self, step_nr: int, state_dict: dict[str, Any], *, verify: str | None = None) -> None:
         """Load the sharded part of a committed checkpoint into ``state_dict``, in place.
@@ -430,9 +446,13 @@ class FileCheckpointManager:
         self._loader.load_sharded_state(step_nr, state_dict, self._verify_mode(verify))
 
     def load_last_checkpoint(
-        self, *, verify: str | None = None, sharded_state: dict[str, Any] | None = None
+        self,
+        *,
+        verify: str | None = None,
+        sharded_state: dict[str, Any] | None = None,
+        into: Mapping[str, Any] | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        """Load the newest committed checkpoint (``sharded_state``: as in :meth:`load_checkpoint`).
+        """Load the newest committed checkpoint (``sharded_state``, ``into``: as in :meth:`load_checkpoint`).
 
         A corrupt or missing newest checkpoint is skipped (warning; recorded in the catalog) and
         the next older intact one is loaded, unless ``LoadOptions(fallback=False)``.
@@ -441,7 +461,7 @@ class FileCheckpointManager:
             CheckpointNotFoundError: the run has no committed checkpoint.
         """
         self.wait()
-        return self._loader.load_last_checkpoint(self._verify_mode(verify), sharded_state)
+        return self._loader.load_last_checkpoint(self._verify_mode(verify), sharded_state, into)
 
     def load_metadata(self, step_nr: int) -> dict[str, Any] | None:
         """The ``save_metadata`` mapping of a committed checkpoint, or None when it has none."""

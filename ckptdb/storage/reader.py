@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import pickle
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from ckptdb.errors import CheckpointCorruptError, UnsafeCheckpointFileError
+from ckptdb.storage import into as into_mod
 from ckptdb.storage import layout, unpickle
 from ckptdb.storage.hashing import hash_file, new_hasher
 from ckptdb.storage.writer import FileRecord
@@ -229,7 +231,7 @@ def load_torch_checked(step_dir: Path, rec: FileRecord, step_nr: int) -> Any:
     return result
 
 
-def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr: int) -> list[Any]:
+def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr: int, *, into: Any = None) -> list[Any]:
     """Load several files of a step directory, each checked against its record and read once.
 
     Per file: the size is checked, then ``torch.load(weights_only=True, mmap=True)`` maps it (only
@@ -242,23 +244,33 @@ def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr:
     files with many tensors (where unpickling, not reading, is the cost) are hashed first, then
     loaded; a ``trusted`` record's file is then unpickled by ``unpickle.load``'s fast path.
 
+    With ``into`` (a state shaped like the files' objects, see :mod:`ckptdb.storage.into`), the
+    tensors of each file at key paths ``into`` also has are loaded into ``into``'s tensors: a file
+    of ``into.DIRECT_MIN`` bytes or more is read once straight into them (:func:`into.read_into`,
+    hashed on the way), any other is loaded as above and then copied. Every pair is checked (dtype,
+    shape) for every file before any byte is written into a target.
+
     Returns, per record in order, the loaded object or the exception its check or load raised
     (``CheckpointCorruptError`` on a mismatch; the object is then dropped). Loading stops at the
     first file that fails to load; the list ends there.
     """
     out: list[Any] = []
     pending: list[tuple[int, Path, FileRecord, int | None]] = []  # (index, path, record, mapping start)
+    direct: list[tuple[int, Path, FileRecord, into_mod.Plan]] = []  # read straight into the targets
+    copies: dict[int, list[into_mod.Pair]] = {}  # loaded first, copied into the targets once checked
+    failed = False
     for i, rec in enumerate(recs):
         path = layout.shard_path(step_dir, rec.path, step_nr)
         try:
             fast = rec.trusted and unpickle.enabled()
-            if (
-                _populate is None
-                or rec.size_bytes < _MAPPED_MIN
-                or (fast and (_zip_records(path) or 0) > _MANY_RECORDS)
-            ):
+            many = fast and (_zip_records(path) or 0) > _MANY_RECORDS
+            small = rec.size_bytes < _MAPPED_MIN and (into is None or rec.size_bytes < into_mod.DIRECT_MIN)
+            if _populate is None or small or many:
                 check_file(step_dir, rec, step_nr)  # the digest before any unpickling
-                out.append(load_torch(path, step_nr, mmap=True, trusted=fast))
+                obj = load_torch(path, step_nr, mmap=True, trusted=fast)
+                if into is not None:
+                    copies[i] = into_mod.pair_tensors(obj, into)
+                out.append(obj)
                 continue
             check_file(step_dir, rec, step_nr, digest=False)
             try:
@@ -266,11 +278,20 @@ def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr:
             except (CheckpointCorruptError, UnsafeCheckpointFileError):
                 _check_digest(path, rec, step_nr, None)  # damage first: it says more than the load's error
                 raise
+            addr = _first_storage_address(obj)
+            base = _mapping_of(path, addr, rec.size_bytes) if addr is not None else None
+            if into is not None:
+                plan = into_mod.plan(obj, into, base, rec.size_bytes) if base is not None else None
+                if plan is not None:
+                    direct.append((i, path, rec, plan))
+                    out.append(obj)
+                    continue
+                copies[i] = into_mod.pair_tensors(obj, into)
         except Exception as e:  # noqa: BLE001 - returned in its place, the caller raises it
             out.append(e)
+            failed = True
             break
-        addr = _first_storage_address(obj)
-        pending.append((i, path, rec, _mapping_of(path, addr, rec.size_bytes) if addr is not None else None))
+        pending.append((i, path, rec, base))
         out.append(obj)
 
     def verify(job: tuple[int, Path, FileRecord, int | None]) -> None:
@@ -281,14 +302,31 @@ def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr:
         except Exception as e:  # noqa: BLE001 - returned in its place, the caller raises it
             out[i] = e
 
-    if len(pending) == 1:
-        verify(pending[0])
+    def read(job: tuple[int, Path, FileRecord, into_mod.Plan]) -> None:
+        i, path, rec, plan = job
+        try:
+            actual = into_mod.read_into(path, rec.size_bytes, rec.hash_algorithm, plan.ranges, step_nr)
+            _check_digest(path, rec, step_nr, actual)
+            into_mod.copy_pairs(plan.after)
+            out[i] = into_mod.substitute(out[i], plan.repl)
+        except Exception as e:  # noqa: BLE001 - returned in its place, the caller raises it
+            out[i] = e
+
+    jobs: list[Callable[[], None]] = [functools.partial(verify, j) for j in pending]
+    if not failed:  # nothing is written into a target when a file failed to load or pair
+        jobs += [functools.partial(read, j) for j in direct]
+    if len(jobs) == 1:
+        jobs[0]()
     else:
-        threads = [threading.Thread(target=verify, args=(j,), name=f"ckptdb-verify-{j[0]}") for j in pending]
+        threads = [threading.Thread(target=job, name=f"ckptdb-verify-{k}") for k, job in enumerate(jobs)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+    if not any(isinstance(r, BaseException) for r in out):  # targets change only when the load succeeds
+        for i, pairs in copies.items():
+            into_mod.copy_pairs(pairs)
+            out[i] = into_mod.substitute(out[i], {id(p.loaded): p.target for p in pairs})
     return out
 
 

@@ -319,11 +319,21 @@ class Store(abc.ABC):
         file's size and digest are checked against it first (CheckpointCorruptError)."""
 
     def load_torch_many(
-        self, directory: str, items: Sequence[tuple[str, FileRecord | None]], step_nr: int, *, mmap: bool = True
+        self,
+        directory: str,
+        items: Sequence[tuple[str, FileRecord | None]],
+        step_nr: int,
+        *,
+        mmap: bool = True,
+        into: Any = None,
     ) -> list[Any]:
         """:meth:`load_torch` of several ``(relpath, expect)`` files. Returns, per item in order, the
         loaded object or the exception its load raised; the list ends at the first failure.
-        (A store may overlap the files' reads: :class:`LocalStore` does.)"""
+        (A store may overlap the files' reads: :class:`LocalStore` does.) With ``into``, each loaded
+        object's tensors are copied into ``into``'s at the same key paths once every file loaded
+        (:mod:`ckptdb.storage.into`; a local store reads large files straight into them)."""
+        from ckptdb.storage import into as into_mod
+
         out: list[Any] = []
         for relpath, expect in items:
             try:
@@ -331,6 +341,11 @@ class Store(abc.ABC):
             except Exception as e:  # noqa: BLE001 - returned in its place, the caller raises it
                 out.append(e)
                 break
+        if into is not None and not any(isinstance(r, BaseException) for r in out):
+            try:
+                return into_mod.copy_all_into(out, into)
+            except Exception as e:  # noqa: BLE001 - returned in its place, the caller raises it
+                return [e]
         return out
 
     @abc.abstractmethod
@@ -593,15 +608,22 @@ class LocalStore(Store):
         return load_torch(layout.shard_path(self.path(directory), relpath, step_nr), step_nr, mmap=mmap)
 
     def load_torch_many(
-        self, directory: str, items: Sequence[tuple[str, FileRecord | None]], step_nr: int, *, mmap: bool = True
+        self,
+        directory: str,
+        items: Sequence[tuple[str, FileRecord | None]],
+        step_nr: int,
+        *,
+        mmap: bool = True,
+        into: Any = None,
     ) -> list[Any]:
-        """Each file loaded in turn (mapped), then all of them read in and hashed at once."""
+        """Each file loaded in turn (mapped), then all of them read in and hashed at once (with
+        ``into``: large files read straight into its tensors, see :mod:`ckptdb.storage.into`)."""
         from ckptdb.storage.reader import load_torch_checked_many
 
         recs = [e for _, e in items if e is not None]
         if not mmap or len(recs) != len(items) or any(r.path != p for (p, _), r in zip(items, recs, strict=True)):
-            return super().load_torch_many(directory, items, step_nr, mmap=mmap)
-        return load_torch_checked_many(self.path(directory), recs, step_nr)
+            return super().load_torch_many(directory, items, step_nr, mmap=mmap, into=into)
+        return load_torch_checked_many(self.path(directory), recs, step_nr, into=into)
 
     def load_sharded(
         self,

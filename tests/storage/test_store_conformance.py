@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptdb.errors import CheckpointCorruptError, CheckpointError, InvalidOperationError, ObjectStoreError
+from ckptdb.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    InvalidArgumentError,
+    InvalidOperationError,
+    ObjectStoreError,
+)
 from ckptdb.storage.hashing import new_hasher
 from ckptdb.storage.location import ObjectLocation
 from ckptdb.storage.objectstore import ObjectStore
@@ -234,6 +240,25 @@ def test_load_torch_checks_the_bytes_it_loads(h: Harness, mmap: bool) -> None:
     with pytest.raises(CheckpointCorruptError) as ei:
         h.store.load_torch(d, "model.pt", 5, mmap=mmap, expect=model)
     assert ei.value.missing
+
+
+def test_load_torch_many_into_the_callers_tensors(h: Harness) -> None:
+    """``load_torch_many(into=)``: the same objects, the tensors loaded into the targets (a local store
+    reads large files straight into them; an object store copies after the checked download)."""
+    t = tok()
+    recs = write_attempt(h.store, 6, t)["records"]
+    assert isinstance(recs, dict)
+    d = h.store.attempt_dir(6, t)
+    target = {"model": {"w": torch.zeros_like(state()["w"]), "b": torch.zeros(10, dtype=torch.int64)}}
+    items = [(p, recs[p]) for p in ("model.pt", "rank_0.pt")]
+    model, rank = h.store.load_torch_many(d, items, 6, into=target)
+    assert model["model"]["w"] is target["model"]["w"] and model["model"]["b"] is target["model"]["b"]
+    assert torch.equal(target["model"]["w"], state()["w"]) and torch.equal(target["model"]["b"], torch.arange(10))
+    assert rank == {"step": 6}
+    bad = {"model": {"w": torch.zeros(3)}}
+    (err,) = h.store.load_torch_many(d, items, 6, into=bad)
+    assert isinstance(err, InvalidArgumentError) and "['model']['w']" in str(err)
+    assert torch.equal(bad["model"]["w"], torch.zeros(3))
 
 
 def test_removing_an_attempt_touches_nothing_else(h: Harness) -> None:
