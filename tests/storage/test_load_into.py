@@ -203,3 +203,7 @@ def test_read_into_a_file_shorter_than_its_record(tmp_path: Path, monkeypatch: p
     assert torch.equal(dst, torch.frombuffer(bytearray(data[70_000:170_000]), dtype=torch.uint8))
     with pytest.raises(CheckpointCorruptError, match="ended early"):
         into_mod.read_into(p, len(data) + 5000, "sha256", [], 3)
+    with pytest.raises(CheckpointCorruptError, match="ended early"):  # every reader fails, none hangs
+        into_mod.read_into(p, len(data) * 20, "sha256", [(0, 100_000, dst.data_ptr())], 3)
+    with pytest.raises(IsADirectoryError):  # a read error is raised as it is
+        into_mod.read_into(tmp_path, 1 << 20, "sha256", [], 3)
