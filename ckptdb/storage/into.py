@@ -277,12 +277,15 @@ class _Buffers:
         self._free: list[tuple[mmap.mmap, int]] = []
         self._lock = threading.Lock()
 
-    def take(self) -> tuple[mmap.mmap, int]:
+    def take(self, nbytes: int) -> tuple[mmap.mmap, int]:
+        """A buffer of ``nbytes`` bytes (kept buffers of another size are dropped)."""
         with self._lock:
-            if self._free:
-                return self._free.pop()
-        buf = mmap.mmap(-1, _PIECE)
-        return buf, ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            while self._free:
+                buf = self._free.pop()
+                if len(buf[0]) == nbytes:
+                    return buf
+        m = mmap.mmap(-1, nbytes)
+        return m, ctypes.addressof(ctypes.c_char.from_buffer(m))
 
     def give(self, buf: tuple[mmap.mmap, int]) -> None:
         with self._lock:
@@ -318,7 +321,8 @@ def read_into(path: Path, size: int, algorithm: str, ranges: list[tuple[int, int
     starts = [r[0] for r in ranges]
     fd, direct = _open(path)
     mode_lock = threading.Lock()
-    pieces = -(-size // _PIECE)
+    piece = _PIECE
+    pieces = -(-size // piece)
     claim = iter(range(pieces))
     claim_lock = threading.Lock()
     cond = threading.Condition()
@@ -372,10 +376,10 @@ def read_into(path: Path, size: int, algorithm: str, ranges: list[tuple[int, int
             if i is None or errors:
                 slots.release()
                 return
-            buf = _buffers.take()
+            buf = _buffers.take(piece)
             try:
-                off = i * _PIECE
-                n = pread(buf[0], off, min(_PIECE, size - off))
+                off = i * piece
+                n = pread(buf[0], off, min(piece, size - off))
                 scatter(buf[1], off, n)
             except BaseException as e:  # noqa: BLE001 - raised by the caller's thread
                 _buffers.give(buf)

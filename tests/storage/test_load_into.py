@@ -7,6 +7,7 @@ is refused before any byte is written; damage is found, recorded, and resume fal
 from __future__ import annotations
 
 import collections
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -197,10 +198,11 @@ def test_read_into_a_file_shorter_than_its_record(tmp_path: Path, monkeypatch: p
     p.write_bytes(data)
     dst = torch.zeros(100_000, dtype=torch.uint8)
     digest = into_mod.read_into(p, len(data), "sha256", [(70_000, 100_000, dst.data_ptr())], 3)
-    import hashlib
-
     assert digest == hashlib.sha256(data).hexdigest()
     assert torch.equal(dst, torch.frombuffer(bytearray(data[70_000:170_000]), dtype=torch.uint8))
+    monkeypatch.setattr(into_mod, "_PIECE", 128 << 10)  # kept buffers of another size are not reused
+    assert into_mod.read_into(p, len(data), "sha256", [], 3) == hashlib.sha256(data).hexdigest()
+    monkeypatch.setattr(into_mod, "_PIECE", 64 << 10)
     with pytest.raises(CheckpointCorruptError, match="ended early"):
         into_mod.read_into(p, len(data) + 5000, "sha256", [], 3)
     with pytest.raises(CheckpointCorruptError, match="ended early"):  # every reader fails, none hangs
