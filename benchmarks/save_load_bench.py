@@ -834,7 +834,12 @@ NOTES = [
     "of many tensors (over 2048 zip records; here the 50 000 small tensors) and every file under 64 MiB is "
     "hashed first and then unpickled by CPython's C unpickler restricted to an allow-list "
     "(`ckptdb/storage/unpickle.py`; only files ckptdb wrote, digest checked first), with the cyclic garbage "
-    "collector paused. DCP loads into preallocated tensors.",
+    "collector paused. DCP loads into preallocated tensors, and so does ckptdb's *into=preallocated* row "
+    "(`load_checkpoint(step, into=target)`, the tensors of a state shaped like the saved one): each file "
+    "is mapped only to learn where its tensors lie, then read once with `O_DIRECT` (8 MiB pieces, 3 threads "
+    "per file, the files at once) straight into the targets, each piece hashed in file order; no page "
+    "cache, no page faults. Before a mapped `torch.load`, the zip records' local headers are all asked "
+    "for at once (`POSIX_FADV_WILLNEED`) instead of being read one cold page at a time.",
     "**profile** rows time the parts of ckptdb's save alone: `torch.save` into a sink that only counts bytes "
     "(serialising), xxh3-128 over the payload, and the file writer without the catalog (serialise + hash "
     "+ write + fsync, overlapped). The sync save minus the file writer is the catalog, directory fsyncs "
