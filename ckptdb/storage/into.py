@@ -240,8 +240,12 @@ def plan(obj: Any, into: Any, base: int, size: int) -> Plan | None:
     """The direct load of ``obj`` (mapped at ``base``, ``size`` bytes) into ``into``; None when it
     does not apply (a tensor that is not a plain CPU tensor or Parameter, a storage outside the
     mapping): the caller takes the copy way. Raises what :func:`pair_tensors` raises."""
-    pairs = pair_tensors(obj, into)
-    target_of = {id(p.loaded): p for p in pairs}
+    found = pair_tensors(obj, into)
+    targets_of: dict[int, list[torch.Tensor]] = {}  # one saved tensor may sit at several paths
+    for p in found:
+        known = targets_of.setdefault(id(p.loaded), [])
+        if all(p.target is not x for x in known):
+            known.append(p.target)
     by_storage: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
     for t in _tensors(obj):
         if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.__dict__ or t.layout is not torch.strided:
@@ -260,11 +264,11 @@ def plan(obj: Any, into: Any, base: int, size: int) -> Plan | None:
         off, nbytes = addr - base, st.nbytes()
         if off < 0 or off + nbytes > size:
             return None
-        p = target_of.get(id(ts[0])) if len(ts) == 1 else None
-        if p is not None and _direct_target(ts[0], p.target, nbytes):
-            ranges.append((off, nbytes, int(p.target.data_ptr())))
-            repl[id(ts[0])] = p.target
-            keep.append(p.target)
+        direct = targets_of.get(id(ts[0]), []) if len(ts) == 1 else []
+        if len(direct) == 1 and _direct_target(ts[0], direct[0], nbytes):
+            ranges.append((off, nbytes, int(direct[0].data_ptr())))
+            repl[id(ts[0])] = direct[0]
+            keep.append(direct[0])
             continue
         new = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
         ranges.append((off, nbytes, int(new.data_ptr())))
@@ -275,12 +279,9 @@ def plan(obj: Any, into: Any, base: int, size: int) -> Plan | None:
                 nt = torch.nn.Parameter(nt, requires_grad=t.requires_grad)
             elif t.requires_grad:
                 nt.requires_grad_(True)
-            q = target_of.get(id(t))
-            if q is not None:
-                after.append(Pair(nt, q.target))
-                repl[id(t)] = q.target
-            else:
-                repl[id(t)] = nt
+            targets = targets_of.get(id(t), [])
+            after.extend(Pair(nt, x) for x in targets)
+            repl[id(t)] = targets[0] if targets else nt
     ranges.sort()
     return Plan(ranges, repl, after, keep)
 

@@ -140,6 +140,25 @@ def test_non_contiguous_and_parameter_targets(tmp_path: Path, reads: list[int]) 
 
 
 @pytest.mark.parametrize("direct", [True, False])
+def test_one_saved_tensor_at_two_paths_fills_both_targets(
+    tmp_path: Path, reads: list[int], monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """Tied in the checkpoint (one tensor saved under two keys), untied in ``into``: both are loaded."""
+    if not direct:
+        monkeypatch.setattr(into_mod, "DIRECT_MIN", 1 << 40)
+    mgr = FileCheckpointManager(tmp_path / "ck")
+    w = torch.randn(100_000)
+    mgr.begin_checkpoint(1)
+    mgr.save_state({"model": {"embed": w, "head": w}})
+    mgr.commit_checkpoint()
+    a, b = torch.zeros(100_000), torch.zeros(100_000)
+    got = mgr.load_checkpoint(1, into={"model": {"embed": a, "head": b}})
+    assert torch.equal(a, w) and torch.equal(b, w)
+    assert got["model"]["embed"] is got["model"]["head"]  # still one tensor in the result
+    mgr.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
 def test_a_mismatched_target_is_refused_before_anything_is_written(
     tmp_path: Path, reads: list[int], monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
