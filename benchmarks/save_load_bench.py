@@ -687,26 +687,22 @@ def targets(res: Results, label: str) -> list[str]:
         r = ratio(med(peer), sync)
         if r is not None:
             lines.append(f"| sync save ≥ 1.0x {peer} | {fx(r)} | {verdict(r >= 1.0)} |")
-    r = ratio(rl, load)
-    lines.append(
-        f"| load (digests, all touched, cold) ≥ 0.9x the read limit | {fx(r)} | "
-        f"{verdict(None if r is None else r >= 0.9)} |"
-    )
-    for peer in (TORCH_MMAP, TORCH_LOAD, ST_LOAD, DCP_LOAD):
-        r = ratio(med(peer), load)
-        if r is not None:
-            lines.append(f"| load ≥ 1.0x {peer} | {fx(r)} | {verdict(r >= 1.0)} |")
-    into = med(CK_INTO)
-    if into:
-        r = ratio(rl, into)
+
+    def load_rows(what: str, t: float | None) -> None:
+        """The load targets of one ckptdb load row: against the read limit, then each peer."""
+        r = ratio(rl, t)
         lines.append(
-            f"| load into preallocated (digests, all touched, cold) ≥ 0.9x the read limit | {fx(r)} | "
+            f"| {what} (digests, all touched, cold) ≥ 0.9x the read limit | {fx(r)} | "
             f"{verdict(None if r is None else r >= 0.9)} |"
         )
         for peer in (TORCH_MMAP, TORCH_LOAD, ST_LOAD, DCP_LOAD):
-            r = ratio(med(peer), into)
+            r = ratio(med(peer), t)
             if r is not None:
-                lines.append(f"| load into preallocated ≥ 1.0x {peer} | {fx(r)} | {verdict(r >= 1.0)} |")
+                lines.append(f"| {what} ≥ 1.0x {peer} | {fx(r)} | {verdict(r >= 1.0)} |")
+
+    load_rows("load", load)
+    if med(CK_INTO):
+        load_rows("load into preallocated", med(CK_INTO))
     stall, cp = med(CK_STALL), med(MEMCPY)
     if stall and cp:
         lines.append(f"| async stall ≤ 1.2x {MEMCPY} | {stall / cp:.2f}x | {verdict(stall <= 1.2 * cp)} |")

@@ -168,17 +168,10 @@ def substitute(obj: Any, repl: dict[int, torch.Tensor]) -> Any:
     return walk(obj)
 
 
-def copy_into(loaded: Any, into: Any) -> Any:
-    """The copy way: ``loaded`` (already checked) copied into ``into``'s tensors; returns ``loaded``
-    with those tensors in place of its own."""
-    pairs = pair_tensors(loaded, into)
-    copy_pairs(pairs)
-    return substitute(loaded, {id(p.loaded): p.target for p in pairs})
-
-
 def copy_all_into(objs: list[Any], into: Any) -> list[Any]:
-    """:func:`copy_into` of several loaded objects (one checkpoint's files); every pair of every
-    object is checked before the first copy."""
+    """The copy way: each of ``objs`` (loaded and checked: one checkpoint's files) copied into
+    ``into``'s tensors at the same key paths, and returned with those tensors in place of its own.
+    Every pair of every object is checked before the first copy."""
     pairs = [pair_tensors(o, into) for o in objs]
     out = []
     for o, ps in zip(objs, pairs, strict=True):
@@ -445,7 +438,6 @@ __all__ = [
     "Pair",
     "Plan",
     "copy_all_into",
-    "copy_into",
     "copy_pairs",
     "pair_tensors",
     "plan",
