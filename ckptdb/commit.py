@@ -49,7 +49,6 @@ from ckptdb.distributed import RankLostError, agree, collective, process_group_o
 from ckptdb.errors import CheckpointError, CheckpointExistsError, InvalidArgumentError, InvalidOperationError
 from ckptdb.load import MODEL_KEY_ENTRY
 from ckptdb.recovery import hold_token, release_token
-from ckptdb.storage import dcp as sharded_io
 from ckptdb.storage import layout
 from ckptdb.storage.safety import check_weights_only_safe
 from ckptdb.storage.staging import StagingArea
@@ -370,7 +369,9 @@ class Committer:
         op = self.require_open()
 
         def write() -> None:
-            sd = sharded_io.full_model_state_dict(model)
+            from ckptdb.storage.dcp import full_model_state_dict  # imports DCP (0.4-0.8 s): only here
+
+            sd = full_model_state_dict(model)
             if ctx.dp_gang.rank == 0:
                 op.writer.write_torch(
                     layout.model_file(*ctx.sfx),

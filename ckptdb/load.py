@@ -32,9 +32,9 @@ from ckptdb.errors import (
     UnsafeCheckpointFileError,
 )
 from ckptdb.recovery import set_aside_copy
-from ckptdb.storage import dcp as sharded_io
 from ckptdb.storage import into as into_mod
 from ckptdb.storage import layout
+from ckptdb.storage.sharded import SHARDED_DIR
 from ckptdb.storage.writer import FileRecord
 from ckptdb.verify import directory_unavailable
 
@@ -192,7 +192,7 @@ class Loader:
         self, info: CheckpointInfo, shards: list[ShardInfo], state_dict: dict[str, Any], verify: str
     ) -> None:
         ctx = self.ctx
-        prefix = sharded_io.SHARDED_DIR + "/"
+        prefix = SHARDED_DIR + "/"
         records = {
             s.path: FileRecord(s.path, s.size_bytes, s.hash_algorithm, s.digest, s.rank, s.kind, s.remote_checksum)
             for s in shards
@@ -256,7 +256,7 @@ class Loader:
             state.pop(MODEL_KEY_ENTRY, None)  # fairseq2's FSDP rank files carry it; fairseq2's loader drops it
             if not state and sharded_state is None:
                 hint = ""
-                if any(s.path.startswith(sharded_io.SHARDED_DIR + "/") for s in shards):
+                if any(s.path.startswith(SHARDED_DIR + "/") for s in shards):
                     hint = " outside its sharded part (load that with sharded_state= or load_sharded_state())"
                 raise CheckpointNotFoundError(
                     f"step {info.step_nr} has no state for this rank{hint}", step_nr=info.step_nr

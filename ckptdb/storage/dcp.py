@@ -46,58 +46,8 @@ from ckptdb.errors import CheckpointCorruptError, UnsafeCheckpointFileError
 from ckptdb.storage import layout
 from ckptdb.storage.hashing import Hasher, new_hasher
 from ckptdb.storage.reader import check_file
+from ckptdb.storage.sharded import _NO_DIST_WARNING, KIND, METADATA_NAME, SHARDED_DIR
 from ckptdb.storage.writer import FileRecord
-
-SHARDED_DIR = "sharded"  # the DCP checkpoint's directory inside a step directory
-METADATA_NAME = ".metadata"  # DCP's global metadata file (written by DCP's coordinator)
-KIND = "sharded"
-
-_NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
-
-
-_sharded_types: tuple[type, ...] | None = None
-
-
-def _sharded() -> tuple[type, ...]:
-    global _sharded_types
-    if _sharded_types is None:
-        from torch.distributed.tensor import DTensor
-
-        types: list[type] = [DTensor]
-        try:
-            from torch.distributed._shard.sharded_tensor import ShardedTensor
-        except ImportError:  # pragma: no cover - present in every supported torch
-            pass
-        else:
-            types.append(ShardedTensor)
-        _sharded_types = tuple(types)
-    return _sharded_types
-
-
-def is_sharded(value: Any) -> bool:
-    """True for a DTensor or a (legacy) ShardedTensor."""
-    tp = type(value)
-    if tp is torch.Tensor or tp is torch.nn.Parameter:
-        return False
-    return isinstance(value, _sharded())
-
-
-def contains_sharded(value: Any, _depth: int = 0) -> bool:
-    """Does ``value`` (a state dict entry, nested containers included) hold any sharded tensor?"""
-    if _depth > 200:
-        return False
-    if is_sharded(value):
-        return True
-    if isinstance(value, Mapping):
-        return any(contains_sharded(v, _depth + 1) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(contains_sharded(v, _depth + 1) for v in value)
-    return False
-
-
-def sharded_keys(state: Mapping[str, Any]) -> list[str]:
-    """The top-level keys of ``state`` that go through DCP (sorted, so every rank agrees on order)."""
-    return sorted(k for k, v in state.items() if contains_sharded(v))
 
 
 class _HashingStream(io.RawIOBase):
@@ -373,15 +323,10 @@ def full_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 __all__ = [
-    "METADATA_NAME",
-    "SHARDED_DIR",
     "HashingStorageWriter",
     "VerifyingStorageReader",
     "WeightsOnlyLoadPlanner",
-    "contains_sharded",
     "full_model_state_dict",
-    "is_sharded",
     "load_sharded",
     "save_sharded",
-    "sharded_keys",
 ]

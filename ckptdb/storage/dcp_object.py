@@ -31,8 +31,9 @@ from torch.distributed.checkpoint.filesystem import FileSystemBase
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from ckptdb.errors import CheckpointCorruptError
-from ckptdb.storage.dcp import _NO_DIST_WARNING, KIND, METADATA_NAME, SHARDED_DIR, WeightsOnlyLoadPlanner, _unwrap
+from ckptdb.storage.dcp import WeightsOnlyLoadPlanner, _unwrap
 from ckptdb.storage.hashing import new_hasher
+from ckptdb.storage.sharded import _NO_DIST_WARNING, KIND, METADATA_NAME, SHARDED_DIR
 from ckptdb.storage.writer import FileRecord
 
 if TYPE_CHECKING:

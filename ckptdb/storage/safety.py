@@ -84,7 +84,7 @@ def _extra_safe_types() -> tuple[type, ...]:
 
 
 def _is_sharded(value: Any) -> bool:
-    from ckptdb.storage.dcp import is_sharded
+    from ckptdb.storage.sharded import is_sharded
 
     return is_sharded(value)
 
@@ -140,6 +140,10 @@ def check_weights_only_safe(state: Mapping[str, Any], *, root: str = "state", al
     sharded = False
     leaf_types = _LEAF_TYPES
     plain_tensors = _PLAIN_TENSORS
+    tensor_type = torch.Tensor
+    common_dtypes = _COMMON_DTYPES
+    strided = torch.strided
+    quick_leaves = _LEAF_TYPES - {bytes}  # b"" is refused: bytes take the walk
 
     def walk(value: Any, path: Any, depth: int) -> None:
         nonlocal uncertain
@@ -177,10 +181,17 @@ def check_weights_only_safe(state: Mapping[str, Any], *, root: str = "state", al
             d = depth + 1
             if tp in _DICTS:
                 for k, v in value.items():
-                    if type(k) is not str and type(k) is not int:
+                    tk = type(k)
+                    if (tk is not str and tk is not int) or (tk is int and not -_INT_FAST < k < _INT_FAST):
                         walk(k, (path, "key", k), d)
-                    elif type(k) is int and not -_INT_FAST < k < _INT_FAST:
-                        walk(k, (path, "key", k), d)
+                    # the common values are settled here, with no call and no path built (what
+                    # walk / walk_tensor would decide for them); every other one takes the walk
+                    tv = type(v)
+                    if tv is tensor_type:
+                        if v.dtype in common_dtypes and v.layout is strided and not v.is_nested and not v.__dict__:
+                            continue
+                    elif tv in quick_leaves or (tv is int and -_INT_FAST < v < _INT_FAST):
+                        continue
                     walk(v, (path, "item", k), d)
                 attrs = getattr(value, "__dict__", None)
                 if attrs:  # e.g. a state_dict's OrderedDict._metadata: rebuilt by the unpickler's BUILD
@@ -189,6 +200,9 @@ def check_weights_only_safe(state: Mapping[str, Any], *, root: str = "state", al
                         walk(v, (path, "attr", a), d)
             else:
                 for i, v in enumerate(value):
+                    tv = type(v)
+                    if tv in quick_leaves or (tv is int and -_INT_FAST < v < _INT_FAST):
+                        continue
                     walk(v, (path, "item", i), d)
             seen.discard(id(value))
             return
@@ -207,7 +221,8 @@ def check_weights_only_safe(state: Mapping[str, Any], *, root: str = "state", al
                 f"{_where(path)}: tensor subclass {tp.__module__}.{tp.__qualname__} cannot be loaded "
                 "with weights_only=True; convert it to a plain tensor"
             )
-        if t.dtype not in _COMMON_DTYPES or t.layout != torch.strided or t.is_quantized or t.is_nested:
+        # (a quantized tensor's dtype is not a common one: no is_quantized read, ~0.2 us a tensor)
+        if t.dtype not in _COMMON_DTYPES or t.layout is not torch.strided or t.is_nested:
             uncertain = True
         attrs = t.__dict__
         if attrs:

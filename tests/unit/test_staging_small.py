@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import pytest
 import torch
 
 from ckptdb.storage.staging import StagingArea
@@ -89,3 +90,28 @@ def test_changed_layout_gets_new_tensors() -> None:
     loaded = _roundtrip(staged)
     for k in src:
         assert torch.equal(loaded[k], src[k].detach())
+
+
+def test_kind_change_at_the_same_position_gets_a_new_tensor() -> None:
+    area = StagingArea()
+    first = area.stage("f", {"a": torch.nn.Parameter(torch.ones(4)), "b": torch.zeros(3)})
+    src = {"a": torch.full((4,), 2.0), "b": torch.zeros(3, requires_grad=True)}  # Parameter -> Tensor
+    second = area.stage("f", src)
+    assert type(second["a"]) is torch.Tensor and torch.equal(second["a"], src["a"])
+    assert second["b"].requires_grad and second["b"] is not first["b"]
+    assert type(first["a"]) is torch.nn.Parameter and torch.equal(first["a"], torch.ones(4))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_tensors_that_are_not_dense_are_copied_whole() -> None:
+    area = StagingArea()
+    dense = torch.randn(4, 4)
+    src = {"sparse": dense.to_sparse(), "csr": dense.to_sparse_csr(), "dense": dense}
+    for _ in range(2):  # the second save meets the buffers and tensors of the first
+        staged = area.stage("f", src)
+        assert staged["sparse"].layout is torch.sparse_coo and staged["csr"].layout is torch.sparse_csr
+        assert torch.equal(staged["sparse"].to_dense(), dense) and torch.equal(staged["csr"].to_dense(), dense)
+        assert staged["sparse"]._values().data_ptr() != src["sparse"]._values().data_ptr()
+        assert torch.equal(staged["dense"], dense)
+        dense.add_(1)
+        src = {"sparse": dense.to_sparse(), "csr": dense.to_sparse_csr(), "dense": dense}
