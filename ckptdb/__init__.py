@@ -2,6 +2,9 @@
 
 __version__ = "0.1.0"
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ckptdb.errors import (
     CatalogError,
     CatalogUnavailableError,
@@ -16,10 +19,26 @@ from ckptdb.errors import (
     UnsafeCheckpointFileError,
     UnsupportedCheckpointError,
 )
-from ckptdb.loader import load_model
-from ckptdb.manager import FileCheckpointManager
 from ckptdb.options import LoadOptions, RecoveryOptions, SaveOptions
 from ckptdb.retention import AnyOf, KeepBest, KeepEvery, KeepLast, KeepPinned
+
+if TYPE_CHECKING:
+    from ckptdb.loader import load_model
+    from ckptdb.manager import FileCheckpointManager
+
+# The names that need torch are imported on first use: ``import ckptdb`` and the CLI's catalog
+# commands (``ckptdb sql``, ``list``, ``db upgrade``, ...) start without importing torch (~1.5 s).
+_LAZY = {"FileCheckpointManager": "ckptdb.manager", "load_model": "ckptdb.loader"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptdb' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AnyOf",
