@@ -77,3 +77,35 @@ def test_every_command_is_documented() -> None:
         names += [f"{name} {n}" for n in nested[0].choices] if nested else [name]  # type: ignore[union-attr]
     for name in names:
         assert f"ckptdb {name}" in doc, f"`ckptdb {name}` is not documented in docs/cli.md"
+
+
+def test_catalog_commands_do_not_import_torch(tmp_path: Path, catalog_url: str) -> None:
+    """``import ckptdb`` and the catalog-only commands start without torch (docs/cli.md, "Start-up")."""
+    mgr = FileCheckpointManager(tmp_path / "ck", catalog=catalog_url, run="r1")
+    save(mgr, 1)
+    mgr.close()
+    probe = (
+        "import sys, ckptdb, ckptdb.cli\n"
+        "for argv in sys.argv[1:]:\n"
+        "    rc = ckptdb.cli.main(argv.split('|'))\n"
+        "    assert rc == 0, (argv, rc)\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    cmds = [
+        f"ls|--url|{catalog_url}",
+        f"runs|--url|{catalog_url}",
+        f"show|--url|{catalog_url}|r1|1",
+        f"sql|--url|{catalog_url}|SELECT count(*) AS n FROM checkpoints",
+        f"db|current|--url|{catalog_url}",
+    ]
+    r = subprocess.run([sys.executable, "-c", probe, *cmds], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout[-500:]
+    # the names that need torch still import it on first use
+    r = subprocess.run(
+        [sys.executable, "-c", "import sys, ckptdb; ckptdb.FileCheckpointManager; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
