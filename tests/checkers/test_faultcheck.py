@@ -87,7 +87,17 @@ def test_recovery_eio_is_a_checkpoint_error_under_strace(tmp_path: Path) -> None
         pytest.skip(f"strace cannot trace here: {probe.stderr.strip()}")
     d = tmp_path / "ck"
     _child("debris", d)
-    inject = [strace, "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync", "--inject=fsync:error=EIO:when=1"]
+    inject = [
+        strace,
+        "-f",
+        "-qq",
+        "--seccomp-bpf",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=fsync",
+        "--inject=fsync:error=EIO:when=1",
+    ]
     first = _child("open", d, prefix=inject).strip()
     assert first.startswith("ERR CheckpointError: recovery of run 'fault'"), first
     assert "Input/output error" in first and "open the manager again" in first, first

@@ -193,7 +193,8 @@ def _strace() -> str:
 
 
 def _run_once(strace: str, d: Path, url: str, opts: list[str]) -> list[str]:
-    cmd = [strace, "-f", "-qq", *opts, sys.executable, str(CHILD), "overwrite_once", str(d), url]
+    # --seccomp-bpf: only the traced calls stop the child (plain ptrace stops every call: 2x slower)
+    cmd = [strace, "-f", "-qq", "--seccomp-bpf", *opts, sys.executable, str(CHILD), "overwrite_once", str(d), url]
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert p.returncode == 0, (p.stdout, p.stderr[-3000:])
     return p.stdout.splitlines()
