@@ -156,6 +156,12 @@ class CheckpointMachine(RuleBasedStateMachine):
     @rule(data=st.data(), how=st.sampled_from(["flip", "truncate", "unlink", "rmdir", "add"]))
     def damage(self, data: st.DataObject, how: str) -> None:
         step = data.draw(st.sampled_from(sorted(self.committed)))
+        if self.pending is not None and self.pending[0] == step:
+            # an overwrite of this step is in flight: verify does not judge the committed copy (its
+            # files may be swapped under it), so nothing is damaged here; the model stays as it is
+            (result,) = verify(self.m.catalog, run=self.m.run_name, step_nr=step, force=True).results
+            assert result.result == "busy" and result.state_after == "committed", result
+            return
         d = self.dir / f"step_{step}"
         f = d / "rank_0.pt"
         if how == "flip":
@@ -216,7 +222,7 @@ def test_random_operation_sequences(sqlite_template: Path, catalog_url: str) -> 
         run_state_machine_as_test(
             CheckpointMachine,
             settings=settings(
-                max_examples=20 if postgres else 30,
+                max_examples=6 if postgres else 10,
                 stateful_step_count=25,
                 deadline=None,
                 database=None,
