@@ -6,7 +6,6 @@ Kept apart from ``ckptdb.storage.dcp`` so that importing ckptdb does not import
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -45,22 +44,4 @@ def is_sharded(value: Any) -> bool:
     return isinstance(value, _sharded())
 
 
-def contains_sharded(value: Any, _depth: int = 0) -> bool:
-    """Does ``value`` (a state dict entry, nested containers included) hold any sharded tensor?"""
-    if _depth > 200:
-        return False
-    if is_sharded(value):
-        return True
-    if isinstance(value, Mapping):
-        return any(contains_sharded(v, _depth + 1) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(contains_sharded(v, _depth + 1) for v in value)
-    return False
-
-
-def sharded_keys(state: Mapping[str, Any]) -> list[str]:
-    """The top-level keys of ``state`` that go through DCP (sorted, so every rank agrees on order)."""
-    return sorted(k for k, v in state.items() if contains_sharded(v))
-
-
-__all__ = ["KIND", "METADATA_NAME", "SHARDED_DIR", "contains_sharded", "is_sharded", "sharded_keys"]
+__all__ = ["KIND", "METADATA_NAME", "SHARDED_DIR", "is_sharded"]

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-
 from ckptdb import _hooks
 from ckptdb.errors import CheckpointError, InvalidOperationError
 from ckptdb.storage import layout
@@ -148,6 +146,12 @@ _crc_users = 0
 _crc_saved = True
 
 
+def _torch() -> Any:
+    import torch  # imported on the first save: verify, gc and prune use this module without torch
+
+    return torch
+
+
 @contextmanager
 def _no_torch_crc32() -> Iterator[None]:
     """Switch off torch's per-record CRC32 while ckptdb serialises (our digest covers every byte).
@@ -158,6 +162,7 @@ def _no_torch_crc32() -> Iterator[None]:
     such files normally.
     """
     global _crc_users, _crc_saved
+    torch = _torch()
     with _crc_lock:
         if _crc_users == 0:
             _crc_saved = torch.serialization.get_crc32_options()
@@ -521,7 +526,7 @@ class StepWriter:
                     with _serialising, paused_gc():
                         hf.turns = _serialising
                         with _no_torch_crc32():
-                            torch.save(f.obj, hf)  # type: ignore[arg-type]
+                            _torch().save(f.obj, hf)  # type: ignore[arg-type]
                 finally:
                     if isinstance(hf, _DirectFile):
                         hf.close()

@@ -80,7 +80,8 @@ def test_every_command_is_documented() -> None:
 
 
 def test_catalog_commands_do_not_import_torch(tmp_path: Path, catalog_url: str) -> None:
-    """``import ckptdb`` and the catalog-only commands start without torch (docs/cli.md, "Start-up")."""
+    """``import ckptdb``, the catalog-only commands and verify / gc / prune start without torch
+    (docs/cli.md, "Start-up")."""
     mgr = FileCheckpointManager(tmp_path / "ck", catalog=catalog_url, run="r1")
     save(mgr, 1)
     mgr.close()
@@ -97,10 +98,18 @@ def test_catalog_commands_do_not_import_torch(tmp_path: Path, catalog_url: str) 
         f"show|--url|{catalog_url}|r1|1",
         f"sql|--url|{catalog_url}|SELECT count(*) AS n FROM checkpoints",
         f"db|current|--url|{catalog_url}",
+        # the commands that read or delete files: hashing, directory work and the catalog only
+        f"verify|--url|{catalog_url}|r1|--all",
+        f"gc|--url|{catalog_url}",
+        f"prune|--url|{catalog_url}|r1|--keep-last|1",
     ]
+    save_more = FileCheckpointManager(tmp_path / "ck", catalog=catalog_url, run="r1")
+    save(save_more, 2)  # so that prune deletes step 1
+    save_more.close()
     r = subprocess.run([sys.executable, "-c", probe, *cmds], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout[-500:]
+    assert (tmp_path / "ck" / "step_2").is_dir() and not (tmp_path / "ck" / "step_1").exists()
     # the names that need torch still import it on first use
     r = subprocess.run(
         [sys.executable, "-c", "import sys, ckptdb; ckptdb.FileCheckpointManager; print('torch' in sys.modules)"],
