@@ -87,7 +87,7 @@ torture-s3: install
 
 # Failed syscalls below Python (docs/reliability.md): every protocol, the Nth call of
 # every file-system syscall it makes failed with EIO / ENOSPC / EROFS, for every N (1737 faults, about 20 min here).
-# `make test` runs a two-minute subset (tests/checkers/test_faultcheck.py). Needs gcc (LD_PRELOAD shim).
+# `make test` runs a subset (~20 s; tests/checkers/test_faultcheck.py). Needs gcc (LD_PRELOAD shim).
 faultcheck: install
 	$(BIN)/python scripts/faultcheck/faultcheck.py $(FAULTCHECK_ARGS)
 

@@ -716,6 +716,22 @@ def enumerate_protocol(
     return out
 
 
+def warm_up(d: Path) -> None:
+    """One save, load and delete in this (parent) process, before the forks, in a directory of its
+    own, with no fault armed: SQLAlchemy's mappers and result processors are set up once here
+    instead of in every child (1.3 s -> 0.2 s per injection). Its engines are disposed of, so no
+    child inherits a connection."""
+    from ckptdb.catalog.session import dispose_engines
+
+    m = manager(d)
+    save(m, 1, 1)
+    m.load_last_checkpoint()
+    m.delete_checkpoint(1)
+    m.close()
+    dispose_engines()
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--protocols", default=",".join(PROTOCOLS))
@@ -735,9 +751,14 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env)
 
     logging.disable(logging.CRITICAL)  # the errors are judged, not logged
-    import torch  # noqa: F401  (imported once, before the forks)
+    # imported once, before the forks: ``import ckptdb`` alone is light (its names load on first use),
+    # and every child would otherwise import the catalog, SQLAlchemy and alembic again (0.75 s each)
+    import sqlalchemy  # noqa: F401
+    import torch  # noqa: F401
 
-    import ckptdb  # noqa: F401
+    import ckptdb.catalog
+    import ckptdb.manager  # noqa: F401
+    from ckptdb import FileCheckpointManager  # noqa: F401
 
     protos = [ALL[p] for p in args.protocols.split(",") if p]
     kinds = [k for k in args.kinds.split(",") if k]
@@ -746,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown kind {k!r}; one of {KINDS}")
     base = args.dir or Path(tempfile.mkdtemp(prefix="ckptdb-faultcheck-"))
     base.mkdir(parents=True, exist_ok=True)
+    warm_up(base / "warm-up")
     t0 = time.monotonic()
     summary: dict[str, Any] = {"protocols": {}, "violations": 0, "injected": 0}
 
