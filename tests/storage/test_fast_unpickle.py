@@ -237,7 +237,6 @@ def test_zip_record_count(tmp_path: Path) -> None:
 
 def test_saves_pause_the_collector_and_restore_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ckptdb import SaveOptions
-    from ckptdb.storage import writer
 
     seen: list[bool] = []
     orig = torch.save
@@ -246,7 +245,7 @@ def test_saves_pause_the_collector_and_restore_it(tmp_path: Path, monkeypatch: p
         seen.append(gc.isenabled())
         return orig(*a, **k)
 
-    monkeypatch.setattr(writer.torch, "save", spy)
+    monkeypatch.setattr(torch, "save", spy)  # the writer calls torch.save through the module
     for blocking in (True, False):
         mgr = FileCheckpointManager(tmp_path / f"ck{blocking}", save_options=SaveOptions(blocking=blocking))
         mgr.begin_checkpoint(1)
