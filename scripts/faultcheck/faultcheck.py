@@ -751,14 +751,9 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env)
 
     logging.disable(logging.CRITICAL)  # the errors are judged, not logged
-    # imported once, before the forks: ``import ckptdb`` alone is light (its names load on first use),
-    # and every child would otherwise import the catalog, SQLAlchemy and alembic again (0.75 s each)
-    import sqlalchemy  # noqa: F401
+    # imported once, before the forks (the catalog stack too: warm_up below, since ``import ckptdb``
+    # alone is light and every child would otherwise import and set it up again)
     import torch  # noqa: F401
-
-    import ckptdb.catalog
-    import ckptdb.manager  # noqa: F401
-    from ckptdb import FileCheckpointManager  # noqa: F401
 
     protos = [ALL[p] for p in args.protocols.split(",") if p]
     kinds = [k for k in args.kinds.split(",") if k]
