@@ -21,7 +21,7 @@ from ckptdb import _hooks, _proc, verify
 from ckptdb.catalog import Catalog, CheckpointInfo, RunInfo
 from ckptdb.catalog.models import State
 from ckptdb.errors import CheckpointCorruptError, ConcurrentModificationError
-from ckptdb.storage import layout
+from ckptdb.storage import checks, layout
 from ckptdb.storage.store import LocalStore, Store
 from ckptdb.storage.writer import FileRecord, fsync_dir, remove_tree, to_trash
 
@@ -260,9 +260,7 @@ def _verified(catalog: Catalog, checkpoint_dir: Path, keeper: CheckpointInfo) ->
     step_dir = checkpoint_dir / layout.step_dir_name(keeper.step_nr)
     recs = [FileRecord(x.path, x.size_bytes, x.hash_algorithm, x.digest) for x in catalog.shards(keeper.id)]
     try:
-        from ckptdb.storage.reader import check_files  # imports torch: only on this rare path
-
-        check_files(step_dir, recs, keeper.step_nr, digest=True)
+        checks.check_files(step_dir, recs, keeper.step_nr, digest=True)
     except (CheckpointCorruptError, OSError, ValueError) as e:
         log.warning("ckptdb: step %d: the committed copy does not verify (%s)", keeper.step_nr, e)
         return False

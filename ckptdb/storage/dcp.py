@@ -44,8 +44,8 @@ from torch.futures import Future
 
 from ckptdb.errors import CheckpointCorruptError, UnsafeCheckpointFileError
 from ckptdb.storage import layout
+from ckptdb.storage.checks import check_file
 from ckptdb.storage.hashing import Hasher, new_hasher
-from ckptdb.storage.reader import check_file
 from ckptdb.storage.sharded import _NO_DIST_WARNING, KIND, METADATA_NAME, SHARDED_DIR
 from ckptdb.storage.writer import FileRecord
 

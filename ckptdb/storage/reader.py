@@ -19,53 +19,9 @@ import torch
 from ckptdb.errors import CheckpointCorruptError, UnsafeCheckpointFileError
 from ckptdb.storage import into as into_mod
 from ckptdb.storage import layout, unpickle
-from ckptdb.storage.hashing import hash_file, new_hasher
+from ckptdb.storage.checks import check_digest, check_file
+from ckptdb.storage.hashing import new_hasher
 from ckptdb.storage.writer import FileRecord
-
-
-def check_file(step_dir: Path, rec: FileRecord, step_nr: int, *, digest: bool = True) -> None:
-    """Raise :class:`CheckpointCorruptError` when the file differs from what the catalog says."""
-    path = layout.shard_path(step_dir, rec.path, step_nr)
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        raise CheckpointCorruptError(step_nr, str(path), f"{rec.size_bytes} bytes", "no file", missing=True) from None
-    if size != rec.size_bytes:
-        raise CheckpointCorruptError(step_nr, str(path), f"{rec.size_bytes} bytes", f"{size} bytes")
-    if digest:
-        _, actual = hash_file(path, rec.hash_algorithm, readahead=True)
-        if actual != rec.digest:
-            raise CheckpointCorruptError(
-                step_nr, str(path), f"{rec.hash_algorithm}:{rec.digest}", f"{rec.hash_algorithm}:{actual}"
-            )
-
-
-def check_files(step_dir: Path, recs: Sequence[FileRecord], step_nr: int, *, digest: bool = True) -> None:
-    """:func:`check_file` for several files; digests are computed in parallel threads (one per file).
-
-    Reading two files at once keeps more I/O in flight than one sequential stream, and the hashes
-    release the GIL. Raises the error of the first damaged file in ``recs`` order.
-    """
-    if not digest or len(recs) < 2:
-        for rec in recs:
-            check_file(step_dir, rec, step_nr, digest=digest)
-        return
-    errors: list[BaseException | None] = [None] * len(recs)
-
-    def run(i: int) -> None:
-        try:
-            check_file(step_dir, recs[i], step_nr, digest=True)
-        except BaseException as e:  # noqa: BLE001 - re-raised below, in order
-            errors[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,), name=f"ckptdb-verify-{i}") for i in range(len(recs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for e in errors:
-        if e is not None:
-            raise e
 
 
 def load_torch(path: Path, step_nr: int, *, mmap: bool = True, trusted: bool = False) -> Any:
@@ -292,7 +248,7 @@ def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr:
             try:
                 obj = load_torch(path, step_nr, mmap=True)
             except (CheckpointCorruptError, UnsafeCheckpointFileError):
-                _check_digest(path, rec, step_nr, None)  # damage first: it says more than the load's error
+                check_digest(path, rec, step_nr, None)  # damage first: it says more than the load's error
                 raise
             addr = _first_storage_address(obj)
             base = _mapping_of(path, addr, rec.size_bytes) if addr is not None else None
@@ -314,7 +270,7 @@ def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr:
         i, path, rec, base = job
         try:
             actual = _hash_mapping(base, rec.size_bytes, rec.hash_algorithm) if base is not None else None
-            _check_digest(path, rec, step_nr, actual)
+            check_digest(path, rec, step_nr, actual)
         except Exception as e:  # noqa: BLE001 - returned in its place, the caller raises it
             out[i] = e
 
@@ -322,7 +278,7 @@ def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr:
         i, path, rec, plan = job
         try:
             actual = into_mod.read_into(path, rec.size_bytes, rec.hash_algorithm, plan.ranges, step_nr)
-            _check_digest(path, rec, step_nr, actual)
+            check_digest(path, rec, step_nr, actual)
             into_mod.copy_pairs(plan.after)
             out[i] = into_mod.substitute(out[i], plan.repl)
         except Exception as e:  # noqa: BLE001 - returned in its place, the caller raises it
@@ -344,12 +300,3 @@ def load_torch_checked_many(step_dir: Path, recs: Sequence[FileRecord], step_nr:
             into_mod.copy_pairs(pairs)
             out[i] = into_mod.substitute(out[i], {id(p.loaded): p.target for p in pairs})
     return out
-
-
-def _check_digest(path: Path, rec: FileRecord, step_nr: int, actual: str | None) -> None:
-    if actual is None:
-        _, actual = hash_file(path, rec.hash_algorithm, readahead=True)
-    if actual != rec.digest:
-        raise CheckpointCorruptError(
-            step_nr, str(path), f"{rec.hash_algorithm}:{rec.digest}", f"{rec.hash_algorithm}:{actual}"
-        )

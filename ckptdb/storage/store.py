@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ckptdb.errors import CheckpointError, InvalidArgumentError, UnsupportedCheckpointError
-from ckptdb.storage import layout
+from ckptdb.storage import checks, layout
 from ckptdb.storage import writer as _writer
 from ckptdb.storage.hashing import hash_file as _hash_path
 from ckptdb.storage.location import LocalLocation, Location, ObjectLocation, parse_location
@@ -589,9 +589,7 @@ class LocalStore(Store):
         return _hash_path(layout.shard_path(self.path(directory), relpath, 0), algorithm, progress)
 
     def check_files(self, directory: str, records: Sequence[FileRecord], step_nr: int, *, digest: bool) -> None:
-        from ckptdb.storage.reader import check_files
-
-        check_files(self.path(directory), records, step_nr, digest=digest)
+        checks.check_files(self.path(directory), records, step_nr, digest=digest)
 
     def open_read(self, directory: str, relpath: str) -> BinaryIO:
         return open(layout.shard_path(self.path(directory), relpath, 0), "rb")

@@ -12,7 +12,7 @@ import torch
 
 from ckptdb import CheckpointCorruptError, FileCheckpointManager
 from ckptdb.loader import load_model
-from ckptdb.storage import reader
+from ckptdb.storage import checks, reader
 from ckptdb.storage.writer import FileRecord
 
 pytestmark = pytest.mark.skipif(reader._populate is None, reason="no MADV_POPULATE_READ on this host")
@@ -55,7 +55,7 @@ def test_mapped_load_equals_the_plain_load(tmp_path: Path, catalog_url: str, mon
     def no_second_read(*a: object, **k: object) -> None:
         raise AssertionError("the digest must come from the mapped pages, not a read() of the file")
 
-    monkeypatch.setattr(reader, "hash_file", no_second_read)
+    monkeypatch.setattr(checks, "hash_file", no_second_read)
     got = mgr.load_checkpoint(1)
     want = _state()
     assert torch.equal(got["model"]["w"], want["model"]["w"])  # type: ignore[index]
