@@ -5,6 +5,7 @@ in URL query parameters never reach output, and a SQLite catalog on a network fi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -33,6 +34,35 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return subprocess.run(
         [sys.executable, "-m", "ckptdb.cli", *args], capture_output=True, text=True, timeout=120, env=env
     )
+
+
+# Runs each query through ``ckptdb.cli.main`` in one process (one start-up instead of one per query,
+# and the queries share the process's pooled connections, as in the web UI): a JSON list of
+# [exit code, stderr] per query; an exception escaping ``main`` is recorded as a traceback.
+_SQL_LOOP = """
+import contextlib, io, json, sys, traceback
+from ckptdb.cli import main
+url, queries = sys.argv[1], json.loads(sys.stdin.read())
+out = []
+for q in queries:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = main(["sql", "--url", url, q])
+        except BaseException:
+            rc, _ = -1, err.write(traceback.format_exc())
+    out.append([rc, err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def cli_sql_many(url: str, queries: list[str]) -> list[tuple[int, str]]:
+    """``ckptdb sql --url URL Q`` for each of ``queries``, in one process: (exit code, stderr) each."""
+    r = subprocess.run(
+        [sys.executable, "-c", _SQL_LOOP, url], input=json.dumps(queries), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    return [(rc, err) for rc, err in json.loads(r.stdout)]
 
 
 def libpq(url: str) -> str:
@@ -118,11 +148,10 @@ def test_pg_sql_attacks_are_refused_with_no_side_effect(
             f"SELECT * FROM dblink('{libpq(catalog_url)}', 'SELECT 1') AS t(x int)",
             f"SELECT dblink_exec('{libpq(catalog_url)}', 'DROP TABLE runs')",
         ]
-    for q in attacks:
-        r = cli("sql", "--url", catalog_url, q)
-        assert r.returncode == 2, (q, r.stdout, r.stderr)
-        assert "ckptdb: error:" in r.stderr and "read-only" in r.stderr, (q, r.stderr)
-        assert "Traceback" not in r.stderr, (q, r.stderr)
+    for q, (rc, err) in zip(attacks, cli_sql_many(catalog_url, attacks), strict=True):
+        assert rc == 2, (q, err)
+        assert "ckptdb: error:" in err and "read-only" in err, (q, err)
+        assert "Traceback" not in err, (q, err)
     assert not (tmp_path / "pwned.txt").exists()
     assert pg_victim.execute("SELECT 1").fetchone() == (1,)  # neither terminated nor cancelled
     assert counts(catalog_url) == before
@@ -315,9 +344,8 @@ def test_sqlite_sql_attacks_are_refused_with_no_side_effect(tmp_path: Path, sqli
         "DROP TABLE runs",
         "CREATE TEMP TABLE t AS SELECT 1",
     ]
-    for q in attacks:
-        r = cli("sql", "--url", url, q)
-        assert r.returncode == 2 and "ckptdb: error:" in r.stderr and "Traceback" not in r.stderr, (q, r.stderr)
+    for q, (rc, err) in zip(attacks, cli_sql_many(url, attacks), strict=True):
+        assert rc == 2 and "ckptdb: error:" in err and "Traceback" not in err, (q, err)
     assert not (tmp_path / "new.db").exists() and not (tmp_path / "copy.db").exists()
     assert counts(url) == before
     engine = create_engine(url)
