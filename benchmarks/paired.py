@@ -174,17 +174,22 @@ def bench_small(n: int, base: Path, reps: int) -> None:
     dst = [torch.empty_like(t) for t in src]
     stalls: list[float] = []
 
-    def ck_save(mgr: FileCheckpointManager) -> Callable[[int], None]:
+    def ck_save(mgr: FileCheckpointManager, *, fast: bool = True) -> Callable[[int], None]:
         def run(i: int) -> None:
             for old in mgr.get_step_numbers():
                 mgr.delete_checkpoint(old)
-            t = time.perf_counter()
-            mgr.begin_checkpoint(i + 1)
-            mgr.save_state(state)
-            mgr.commit_checkpoint()
-            if mgr is asyn:
-                stalls.append(time.perf_counter() - t)
-            mgr.wait()
+            if not fast:
+                os.environ["CKPTDB_NO_FAST_SAVE"] = "1"
+            try:
+                t = time.perf_counter()
+                mgr.begin_checkpoint(i + 1)
+                mgr.save_state(state)
+                mgr.commit_checkpoint()
+                if mgr is asyn:
+                    stalls.append(time.perf_counter() - t)
+                mgr.wait()
+            finally:
+                os.environ.pop("CKPTDB_NO_FAST_SAVE", None)
 
         return run
 
@@ -200,7 +205,12 @@ def bench_small(n: int, base: Path, reps: int) -> None:
             a.copy_(b)
 
     ref = "torch.save + fsync"
-    methods = {"ckptdb sync save": ck_save(sync), "ckptdb async save (total)": ck_save(asyn), ref: torch_save}
+    methods = {
+        "ckptdb sync save": ck_save(sync),
+        "ckptdb sync save, torch.save's pickler (CKPTDB_NO_FAST_SAVE=1)": ck_save(sync, fast=False),
+        "ckptdb async save (total)": ck_save(asyn),
+        ref: torch_save,
+    }
     times = _run(methods, reps, os.sync)
     _table(f"saves, {n} small tensors", times, nbytes, ref)
     cp = _run({"copy into reused tensors": memcpy}, reps, lambda: None)["copy into reused tensors"]

@@ -190,13 +190,13 @@ class ObjectAttemptWriter(AttemptWriter):
         return rec
 
     def _save_one(self, f: TorchFile) -> FileRecord:
-        import torch
+        from ckptdb.storage import fastsave  # torch's file format, less Python per tensor (imports torch)
 
         key = self._claim(f.relpath)
         w = self.store.client.open_writer(self.store.bucket, key, hasher=new_hasher(self.hash_algorithm))
         try:
             with _no_torch_crc32():
-                torch.save(f.obj, w)  # type: ignore[arg-type]
+                fastsave.save(f.obj, w)  # type: ignore[arg-type]
         except Exception as e:
             w.abort()
             if w.error is not None and w.error is not e:  # the real cause (S3), not torch's rewording of it

@@ -152,6 +152,13 @@ def _torch() -> Any:
     return torch
 
 
+def _fastsave() -> Any:
+    """``storage.fastsave`` (torch's file format, less Python per tensor); imports torch."""
+    from ckptdb.storage import fastsave
+
+    return fastsave
+
+
 @contextmanager
 def _no_torch_crc32() -> Iterator[None]:
     """Switch off torch's per-record CRC32 while ckptdb serialises (our digest covers every byte).
@@ -526,7 +533,7 @@ class StepWriter:
                     with _serialising, paused_gc():
                         hf.turns = _serialising
                         with _no_torch_crc32():
-                            _torch().save(f.obj, hf)  # type: ignore[arg-type]
+                            _fastsave().save(f.obj, hf)  # type: ignore[arg-type]
                 finally:
                     if isinstance(hf, _DirectFile):
                         hf.close()

@@ -19,7 +19,7 @@ import torch
 
 from ckptdb import FileCheckpointManager, UnsafeCheckpointFileError
 from ckptdb.importer import import_directory
-from ckptdb.storage import reader, unpickle
+from ckptdb.storage import fastsave, reader, unpickle
 
 pytestmark = pytest.mark.skipif(not unpickle.enabled(), reason="this torch has no weights-only allow-list to follow")
 
@@ -239,13 +239,13 @@ def test_saves_pause_the_collector_and_restore_it(tmp_path: Path, monkeypatch: p
     from ckptdb import SaveOptions
 
     seen: list[bool] = []
-    orig = torch.save
+    orig = fastsave.save
 
     def spy(*a: Any, **k: Any) -> Any:
         seen.append(gc.isenabled())
         return orig(*a, **k)
 
-    monkeypatch.setattr(torch, "save", spy)  # the writer calls torch.save through the module
+    monkeypatch.setattr(fastsave, "save", spy)  # the writer calls fastsave.save through the module
     for blocking in (True, False):
         mgr = FileCheckpointManager(tmp_path / f"ck{blocking}", save_options=SaveOptions(blocking=blocking))
         mgr.begin_checkpoint(1)
