@@ -54,6 +54,7 @@ from benchmarks.limits import LimitFinder, as_views, cpu_seconds, evict  # noqa:
 from ckptdb import FileCheckpointManager, SaveOptions  # noqa: E402
 from ckptdb.catalog import Catalog, ShardInfo, WriterInfo  # noqa: E402
 from ckptdb.catalog.session import dispose_engines  # noqa: E402
+from ckptdb.storage import fastsave  # noqa: E402
 from ckptdb.storage.hashing import new_hasher  # noqa: E402
 from ckptdb.storage.writer import StepWriter, TorchFile, _no_torch_crc32  # noqa: E402
 
@@ -79,7 +80,7 @@ TORCH_MMAP = "torch.load(mmap=True) + touch all"
 TORCH_LOAD = "torch.load + touch all"
 ST_LOAD = "safetensors load_file + touch all"
 DCP_LOAD = "DCP load (into preallocated) + touch all"
-P_SER = "profile: serialise only (torch.save into a sink, no CRC32)"
+P_SER = "profile: serialise only (ckptdb's fastsave into a sink, no CRC32)"
 P_HASH = "profile: xxh3_128 of the payload (1 thread)"
 P_WRITER = "profile: ckptdb file writer alone (no catalog)"
 
@@ -381,7 +382,7 @@ def bench_state(
         def serialise() -> None:
             with _no_torch_crc32():  # as ckptdb serialises
                 for o in (m, r):
-                    torch.save(o, Sink())
+                    fastsave.save(o, Sink())
 
         res.add(label, P_SER, *measure(serialise), "profile")
 
