@@ -25,6 +25,7 @@ own error where it would). The files load with plain ``torch.load(weights_only=T
 from __future__ import annotations
 
 import collections
+import contextlib
 import copyreg
 import io
 import os
@@ -169,13 +170,20 @@ def save(obj: Any, f: IO[bytes]) -> None:
     writer = torch._C.PyTorchFileWriter(
         f, torch.serialization.get_crc32_options(), torch.serialization._get_storage_alignment()
     )
-    writer.write_record("data.pkl", data, len(data))
-    writer.write_record(".format_version", b"1", 1)
-    alignment = str(torch.serialization._get_storage_alignment()).encode()
-    writer.write_record(".storage_alignment", alignment, len(alignment))
-    writer.write_record("byteorder", sys.byteorder.encode(), len(sys.byteorder))
-    for key, storage in storages.items():
-        writer.write_record(f"data/{key}", storage, storage.nbytes())  # type: ignore[arg-type]
+    try:
+        writer.write_record("data.pkl", data, len(data))
+        writer.write_record(".format_version", b"1", 1)
+        alignment = str(torch.serialization._get_storage_alignment()).encode()
+        writer.write_record(".storage_alignment", alignment, len(alignment))
+        writer.write_record("byteorder", sys.byteorder.encode(), len(sys.byteorder))
+        for key, storage in storages.items():
+            writer.write_record(f"data/{key}", storage, storage.nbytes())  # type: ignore[arg-type]
+    except BaseException:
+        # ended here, as torch.save's context manager does: an unfinished writer would end the
+        # archive from its destructor, whenever it is collected, through ``f``
+        with contextlib.suppress(Exception):
+            writer.write_end_of_file()
+        raise
     writer.write_end_of_file()
     f.flush()
 

@@ -244,3 +244,33 @@ def test_property_same_archive_as_torch_save(tmp_path: Path, state: Any) -> None
     assert records(got) == records(ref)
     loaded = torch.load(tmp_path / "fast.pt", weights_only=True)
     assert_equal(loaded, torch.load(tmp_path / "torch.pt", weights_only=True))
+
+
+class _FailingFile:
+    """A file object whose writes fail once ``limit`` bytes are written; counts calls after that."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size, self.after = limit, 0, 0
+
+    def write(self, data: Any) -> int:
+        if self.size >= self.limit:
+            self.after += 1
+            raise OSError(5, "Input/output error")
+        n = memoryview(data).nbytes
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        return None
+
+
+def test_a_failed_write_ends_the_archive_at_once(tmp_path: Path) -> None:
+    import gc
+
+    state = {f"w{i}": torch.ones(1000) for i in range(20)}
+    f = _FailingFile(20_000)
+    with pytest.raises(Exception, match="Input/output error"):
+        fastsave.save(state, f)
+    calls = f.after
+    gc.collect()  # nothing left to write through f later (an unfinished writer would, when collected)
+    assert f.after == calls
