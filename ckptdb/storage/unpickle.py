@@ -25,6 +25,10 @@ objects it builds where torch refuses, and a crafted ``LONG_BINPUT`` index makes
 array of that size (torch's Python unpickler keeps a dict). The digest-first rule is for those: a
 pickle ckptdb's writer produced has neither.
 
+Mapped loads go through :mod:`ckptdb.storage.fastload` first (the same unpickler, storages sliced
+from one mapping of the file, without ``torch.load``'s per-tensor fake-mode checks); a file it does
+not take goes through ``torch.load`` with this unpickler as before.
+
 ``CKPTDB_NO_FAST_UNPICKLE=1`` turns this off (every file then goes through torch's unpickler).
 """
 
@@ -160,6 +164,16 @@ def load(path: Path, *, mmap: bool, trusted: bool = False) -> Any:
     Raises what ``torch.load(weights_only=True)`` raises."""
     global fast_loads
     with paused_gc():
+        if trusted and enabled() and mmap:
+            from ckptdb.storage import fastload  # imports this module: not at the top
+
+            try:
+                obj = fastload.load(path)
+            except Exception:  # noqa: BLE001 - fastload.NotFast, or any error: the ways below decide
+                pass
+            else:
+                fast_loads += 1
+                return obj
         if trusted and enabled():
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE, mmap=mmap)
