@@ -91,7 +91,7 @@ class _Loader(unpickle._Unpickler):
     """The allow-listed C unpickler, with storages taken from one mapping of the file."""
 
     def __init__(self, data: Any, reader: Any, overall: torch.UntypedStorage, size: int) -> None:
-        super().__init__(data)
+        super().__init__(data, encoding="utf-8")  # as torch.load unpickles
         self._reader = reader
         self._overall = overall
         self._size = size
