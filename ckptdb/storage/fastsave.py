@@ -149,6 +149,8 @@ def pickled(obj: Any) -> tuple[bytes, dict[str, torch.UntypedStorage]] | None:
     ``None`` when ``obj`` must be written by ``torch.save`` itself (see the module's docstring)."""
     if not _AVAILABLE or os.environ.get("CKPTDB_NO_FAST_SAVE") == "1":
         return None
+    if getattr(torch.serialization._serialization_tls, "skip_data", False):  # torch.save's own mode
+        return None
     buf = io.BytesIO()
     pickler = _Pickler(buf)
     try:

@@ -161,6 +161,8 @@ def test_errors_are_torch_saves_own(tmp_path: Path) -> None:
 def test_off_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = {"w": torch.ones(3)}
     assert fastsave.pickled(state) is not None
+    with torch.serialization.skip_data():  # torch.save's no-data mode is torch.save's to honour
+        assert fastsave.pickled(state) is None
     monkeypatch.setenv("CKPTDB_NO_FAST_SAVE", "1")
     assert fastsave.pickled(state) is None
     assert_same_archive(state, tmp_path, fast=False)
