@@ -30,24 +30,15 @@ from typing import Any
 
 import torch
 
-from ckptdb.storage import unpickle
+from ckptdb.storage import fastsave, unpickle
 
 
 class NotFast(unpickle._NotFast):
     """This file is not for the fast load: load it with ``torch.load``."""
 
 
-def _storage_dtypes() -> dict[str, tuple[torch.dtype, int]]:
-    """``<X>Storage`` name -> (dtype, element size), for the typed storages ``torch.save`` names."""
-    out: dict[str, tuple[torch.dtype, int]] = {}
-    for dtype, name in torch.storage._dtype_to_storage_type_map().items():
-        if name.startswith("Q"):  # quantized: torch's own load
-            continue
-        out[name] = (dtype, torch.empty((), dtype=dtype).element_size())
-    return out
-
-
-_DTYPES = _storage_dtypes() if hasattr(torch.storage, "_dtype_to_storage_type_map") else {}
+# ``<X>Storage`` name -> (dtype, element size): the typed storages fastsave (and torch.save) name
+_DTYPES = {cls.__name__: (dtype, size) for dtype, (cls, size) in fastsave.STORAGE_TYPES.items()}
 _ELEMENT = {dtype: size for dtype, size in _DTYPES.values()}
 _AVAILABLE = bool(_DTYPES) and hasattr(torch._C, "PyTorchFileReader") and bool(unpickle._ALLOWED)
 

@@ -52,7 +52,9 @@ class _StorageRef:
 
 
 def _storage_types() -> dict[torch.dtype, tuple[type, int]]:
-    """dtype -> (the ``torch.<X>Storage`` class ``torch.save`` names for it, its element size)."""
+    """dtype -> (the ``torch.<X>Storage`` class ``torch.save`` names for it, its element size); the
+    quantized ones are left out (``torch.save`` writes those tensors). ``storage.fastload`` reads
+    the same table the other way round."""
     out: dict[torch.dtype, tuple[type, int]] = {}
     for dtype, name in torch.storage._dtype_to_storage_type_map().items():
         if dtype in (torch.qint8, torch.qint32, torch.quint8, torch.quint4x2, torch.quint2x4):
@@ -73,7 +75,7 @@ def _available() -> bool:
 
 
 _AVAILABLE = _available()
-_TYPES = _storage_types() if _AVAILABLE else {}
+STORAGE_TYPES = _storage_types() if _AVAILABLE else {}
 
 
 class _Pickler(pickle.Pickler):
@@ -88,7 +90,7 @@ class _Pickler(pickle.Pickler):
         table[torch.Tensor] = self._reduce_tensor
         table[torch.nn.Parameter] = self._reduce_parameter
         table[collections.OrderedDict] = _reduce_ordered_dict
-        for t in (torch.UntypedStorage, torch.storage.TypedStorage, *(s for s, _ in _TYPES.values())):
+        for t in (torch.UntypedStorage, torch.storage.TypedStorage, *(s for s, _ in STORAGE_TYPES.values())):
             table[t] = _refuse
         self.dispatch_table = table
 
@@ -99,7 +101,7 @@ class _Pickler(pickle.Pickler):
         if t.__dict__ or t._backward_hooks or not t.is_cpu or t.layout is not torch.strided:
             raise _Fallback
         dtype = t.dtype
-        kind = _TYPES.get(dtype)
+        kind = STORAGE_TYPES.get(dtype)
         if kind is None or t.is_nested or torch._C._get_tensor_metadata(t):  # type: ignore[attr-defined]  # conj, neg
             raise _Fallback
         storage = t.untyped_storage()
