@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ckptdb import FileCheckpointManager, SaveOptions
+from tests.gpu.helpers import busy
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2,
@@ -24,14 +25,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 N = 16 << 20  # floats per tensor (64 MiB): a copy long enough to be caught in flight
-
-
-def _busy(device: int, seconds: float = 1.0) -> None:
-    """Queue about ``seconds`` of GPU work on ``device``'s current stream."""
-    with torch.cuda.device(device):
-        props = torch.cuda.get_device_properties(device)
-        rate_khz = getattr(props, "clock_rate", 0) or 1_500_000  # kHz; absent in some builds
-        torch.cuda._sleep(int(seconds * rate_khz * 1000))
 
 
 def test_async_save_synchronises_every_device(tmp_path: Path) -> None:
@@ -46,7 +39,7 @@ def test_async_save_synchronises_every_device(tmp_path: Path) -> None:
         m.commit_checkpoint()
         m.wait()
         for step in (2, 3):
-            _busy(1)  # cuda:1 is busy for a while: the fill and the staging copy queue behind it
+            busy(1, 1.0)  # cuda:1 is busy for a while: the fill and the staging copy queue behind it
             with torch.cuda.device(1):
                 b.fill_(float(step))
             a.fill_(float(step))

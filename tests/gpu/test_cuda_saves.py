@@ -21,17 +21,11 @@ import torch
 
 from ckptdb import FileCheckpointManager, SaveOptions
 from ckptdb.storage.staging import StagingArea
+from tests.gpu.helpers import busy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is False)")
 
 N = 16 << 20  # floats (64 MiB): a copy long enough to be caught in flight
-
-
-def _busy(seconds: float = 0.5) -> None:
-    """Queue about ``seconds`` of work on the current stream of the current device."""
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    rate_khz = getattr(props, "clock_rate", 0) or 1_500_000
-    torch.cuda._sleep(int(seconds * rate_khz * 1000))
 
 
 def _state(dev: torch.device) -> dict[str, Any]:
@@ -90,7 +84,7 @@ def test_async_save_sees_queued_kernels_and_not_later_ones(tmp_path: Path) -> No
         m.commit_checkpoint()
         m.wait()
         for step in (2, 3):
-            _busy()  # the fill below queues behind half a second of work
+            busy(0, 0.5)  # the fill below queues behind half a second of work
             a.fill_(float(step))
             m.begin_checkpoint(step)
             m.save_state({"a": a})  # returns once the staged copy is complete
