@@ -697,6 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker()
         return 0
+    for flag, given, known in (("--a", args.a, A_OPS), ("--b", args.b, B_OPS)):
+        unknown = [op for op in given.split(",") if op not in known]
+        if unknown:
+            ap.error(f"{flag}: unknown operation(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     shm = Path("/dev/shm")
     root = Path(args.root) if args.root else (shm if shm.is_dir() else Path("/tmp")) / f"ckptdb-race-{os.getpid()}"
     kinds = args.backends.split(",") if args.backends else ["sqlite", *(["postgres"] if args.pg_url else [])]
