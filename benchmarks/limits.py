@@ -18,6 +18,11 @@ Read variants: 1, 2, 4, 8 threads over equal ranges of the given files, ``buffer
 a reused 8 MiB buffer per thread) or ``O_DIRECT`` (same, page-aligned buffer), cold: the files'
 pages are evicted with ``posix_fadvise(POSIX_FADV_DONTNEED)`` after an ``fsync`` (and the whole
 page cache dropped too when ``drop_caches`` is writable and ``--drop-caches`` asks for it).
+
+Reads into new memory (1 and 4 threads, ``O_DIRECT``): the same reads, each chunk to its own
+offset of a new anonymous mapping per file. Not the read limit: the floor of any load that returns
+new tensors instead of filling the caller's (``torch.load``, safetensors, ckptdb's default load),
+which must get every page of that memory from the kernel (zero-filled at first use) as well.
 """
 
 from __future__ import annotations
@@ -46,11 +51,13 @@ class Variant:
     streams: int
     layout: str  # "files" | "ranges"
     direct: bool
+    fresh: bool = False  # reads only: into new memory (see raw_read), not reused buffers
 
     @property
     def name(self) -> str:
         io = "O_DIRECT" if self.direct else "buffered"
-        return f"{self.streams} stream{'s' if self.streams > 1 else ''}, {self.layout}, {io}"
+        into = ", into new memory" if self.fresh else ""
+        return f"{self.streams} stream{'s' if self.streams > 1 else ''}, {self.layout}, {io}{into}"
 
 
 def write_variants(streams: Sequence[int] = STREAMS) -> list[Variant]:
@@ -59,6 +66,11 @@ def write_variants(streams: Sequence[int] = STREAMS) -> list[Variant]:
 
 def read_variants(streams: Sequence[int] = STREAMS) -> list[Variant]:
     return [Variant(n, "ranges", d) for d in (False, True) for n in streams]
+
+
+def fresh_read_variants(streams: Sequence[int] = (1, 4)) -> list[Variant]:
+    """Reads into new memory (what a load that returns new tensors must at least do)."""
+    return [Variant(n, "ranges", True, fresh=True) for n in streams]
 
 
 def _run(fns: Sequence[Callable[[], None]]) -> None:
@@ -242,7 +254,10 @@ def can_drop_caches() -> bool:
 
 
 def raw_read(paths: Sequence[Path], v: Variant, bufs: Buffers) -> int:
-    """Read every byte of ``paths`` with ``v.streams`` threads, into reused buffers.
+    """Read every byte of ``paths`` with ``v.streams`` threads, into reused buffers, or with
+    ``v.fresh`` into new memory: one new anonymous mapping per file, each chunk read to its own
+    offset there, the mappings dropped at the end (the kernel zero-fills each page at its first
+    use, as it does for a load that returns new tensors).
 
     The files are cut into 8 MiB chunks (offsets aligned, as O_DIRECT wants); thread i reads the
     i-th contiguous share of the chunk list.
@@ -250,30 +265,40 @@ def raw_read(paths: Sequence[Path], v: Variant, bufs: Buffers) -> int:
     sizes = [p.stat().st_size for p in paths]
     flags = os.O_RDONLY | (os.O_DIRECT if v.direct else 0)
     fds = [os.open(p, flags) for p in paths]
-    chunks = [(fd, off, min(BUF, n - off)) for fd, n in zip(fds, sizes, strict=True) for off in range(0, n, BUF)]
+    dest = [mmap.mmap(-1, -(-max(n, 1) // ALIGN) * ALIGN) for n in sizes] if v.fresh else []
+    chunks = [(k, off, min(BUF, n - off)) for k, n in enumerate(sizes) for off in range(0, n, BUF)]
     shares = [chunks[len(chunks) * i // v.streams : len(chunks) * (i + 1) // v.streams] for i in range(v.streams)]
     shares = [s for s in shares if s]
-    aligned = bufs.get(len(shares))
+    aligned = bufs.get(len(shares)) if not v.fresh else []
     done = [0] * len(shares)
     try:
 
         def one(i: int) -> None:
-            view = memoryview(aligned[i])
-            for fd, off, n in shares[i]:
+            views = [memoryview(m) for m in dest]
+            reused = memoryview(aligned[i]) if aligned else None
+            for k, off, n in shares[i]:
+                view = views[k][off:] if reused is None else reused
                 want = -(-n // ALIGN) * ALIGN if v.direct else n
                 got = 0
                 while got < n:
-                    k = os.preadv(fd, [view[got:want]], off + got)
-                    if k <= 0:
+                    r = os.preadv(fds[k], [view[got:want]], off + got)
+                    if r <= 0:
                         break
-                    got += k
+                    got += r
                 done[i] += min(got, n)
-            view.release()
+                if view is not reused:
+                    view.release()
+            for w in views:
+                w.release()
+            if reused is not None:
+                reused.release()
 
         _run([lambda i=i: one(i) for i in range(len(shares))])  # type: ignore[misc]
     finally:
         for fd in fds:
             os.close(fd)
+        for m in dest:
+            m.close()
     got, total = sum(done), sum(sizes)
     if got != total:
         raise RuntimeError(f"raw read got {got} of {total} bytes")
@@ -298,10 +323,12 @@ class LimitFinder:
     def __init__(self, streams: Sequence[int] = STREAMS, *, keep: int = 3, drop_caches: bool = False) -> None:
         self.wvariants = write_variants(streams)
         self.rvariants = read_variants(streams)
+        self.fvariants = fresh_read_variants()
         self.keep = keep
         self.drop_caches = drop_caches
         self.wtimes: dict[Variant, list[float]] = {}
         self.rtimes: dict[Variant, list[float]] = {}
+        self.ftimes: dict[Variant, list[float]] = {}
         self.wcpu: dict[Variant, list[float]] = {}
         self.bufs = Buffers()
 
@@ -332,6 +359,15 @@ class LimitFinder:
             raw_read(paths, v, self.bufs)
             self.rtimes.setdefault(v, []).append(time.perf_counter() - t0)
 
+    def read_fresh(self, paths: Sequence[Path]) -> None:
+        """One repetition of the reads into new memory (every such variant, each cold)."""
+        for v in self.fvariants:
+            evict(paths, drop_caches=self.drop_caches)
+            gc.collect()
+            t0 = time.perf_counter()
+            raw_read(paths, v, self.bufs)
+            self.ftimes.setdefault(v, []).append(time.perf_counter() - t0)
+
     @staticmethod
     def _best(times: dict[Variant, list[float]]) -> tuple[Variant, float]:
         """The smallest median among the variants measured in every repetition (a variant that ran
@@ -345,6 +381,9 @@ class LimitFinder:
 
     def best_read(self) -> tuple[Variant, float]:
         return self._best(self.rtimes)
+
+    def best_fresh(self) -> tuple[Variant, float]:
+        return self._best(self.ftimes)
 
 
 def main() -> None:
