@@ -136,6 +136,8 @@ class Checkpoint(Base):
         Index("ix_checkpoints_run_id_state_step_nr", "run_id", "state", "step_nr"),
         # cross-run questions ("every corrupt checkpoint", "commits in the last day"): revision 0002
         Index("ix_checkpoints_state_committed_at", "state", "committed_at"),
+        # a run's newest commit (run_summary.last_committed_at) from one index entry: revision 0008
+        Index("ix_checkpoints_run_id_state_committed_at", "run_id", "state", "committed_at"),
         # retention's candidates of a run, covering (revision 0006); the predicate is the text
         # retention_sql.candidate() renders, so the planners can prove the query implies it
         Index(

@@ -117,3 +117,13 @@ def test_sql_refuses_writes(tmp_path: Path, catalog_url: str) -> None:
         assert not (tmp_path / "copy.db").exists() and not (tmp_path / "new.db").exists()
         assert readonly_query(catalog_url, "PRAGMA table_info(runs)").rows
     assert readonly_query(catalog_url, "SELECT COUNT(*) FROM checkpoints").rows[0][0] == before
+
+
+def test_postgresql_sessions_run_without_jit(tmp_path: Path, catalog_url: str) -> None:
+    """`ckptdb sql` and the UI read with PostgreSQL's JIT off: compiling a query over the views took
+    several times as long as running it (docs/sql.md)."""
+    if backend_of(catalog_url) != "postgresql":
+        pytest.skip("PostgreSQL only")
+    sqldata.build(tmp_path, catalog_url)
+    assert readonly_query(catalog_url, "SELECT current_setting('jit')").rows[0][0] == "off"
+    assert readonly_query(catalog_url, "SELECT current_setting('transaction_read_only')").rows[0][0] == "on"
