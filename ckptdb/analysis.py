@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, exc
+from sqlalchemy import create_engine, event, exc
 from sqlalchemy.pool import NullPool, QueuePool
 
 from ckptdb.catalog import Catalog
@@ -65,6 +65,15 @@ def _sqlite_readonly_authorizer(
     return sqlite3.SQLITE_DENY
 
 
+def _pg_no_jit(dbapi_conn: Any, _record: Any) -> None:
+    """The session's JIT off, where the server has one (PostgreSQL 11+; a no-op before): compiling a
+    query over the views (run_summary: ~85 functions) took ~0.3 s here, several times what running
+    it takes on a catalog of 100 000 checkpoints (docs/sql.md)."""
+    with dbapi_conn.cursor() as cur:
+        cur.execute("SELECT set_config('jit', 'off', false) WHERE current_setting('jit', true) IS NOT NULL")
+    dbapi_conn.commit()  # a session setting made in a transaction lasts only if that transaction commits
+
+
 def readonly_engine(url: str, *, pooled: bool = False) -> Any:
     """An engine whose every connection the database keeps read-only (what ``ckptdb sql`` and
     ``ckptdb ui`` read through). ``pooled``: keep connections for reuse (a long-lived server)."""
@@ -87,13 +96,13 @@ def readonly_engine(url: str, *, pooled: bool = False) -> Any:
 
         return create_engine("sqlite://", creator=connect, **pool)
     if backend == "postgresql":
-        return create_engine(
+        engine = create_engine(
             parsed,
             **pool,
-            # no JIT: compiling a query over the views (run_summary: ~85 functions) took ~0.3 s here,
-            # several times what running it takes on a catalog of 100 000 checkpoints
-            connect_args={"connect_timeout": 10, "options": "-c default_transaction_read_only=on -c jit=off"},
+            connect_args={"connect_timeout": 10, "options": "-c default_transaction_read_only=on"},
         )
+        event.listen(engine, "connect", _pg_no_jit)
+        return engine
     raise CatalogUnavailableError(f"catalog {masked(url)}: `ckptdb sql` supports SQLite and PostgreSQL only")
 
 
