@@ -21,8 +21,8 @@ page cache dropped too when ``drop_caches`` is writable and ``--drop-caches`` as
 
 Reads into new memory (1 and 4 threads, ``O_DIRECT``): the same reads, each chunk to its own
 offset of a new anonymous mapping per file. Not the read limit: the floor of any load that returns
-new tensors instead of filling the caller's (``torch.load``, safetensors, ckptdb's default load),
-which must get every page of that memory from the kernel (zero-filled at first use) as well.
+new tensors in new memory instead of filling the caller's (``torch.load``, safetensors), which
+must get every page of that memory from the kernel (zero-filled at first use) as well.
 """
 
 from __future__ import annotations
@@ -352,21 +352,20 @@ class LimitFinder:
                 p.unlink()
 
     def read(self, paths: Sequence[Path]) -> None:
-        for v in self._leaders(self.rtimes, self.rvariants, self.keep):
-            evict(paths, drop_caches=self.drop_caches)
-            gc.collect()
-            t0 = time.perf_counter()
-            raw_read(paths, v, self.bufs)
-            self.rtimes.setdefault(v, []).append(time.perf_counter() - t0)
+        self._reads(paths, self._leaders(self.rtimes, self.rvariants, self.keep), self.rtimes)
 
     def read_fresh(self, paths: Sequence[Path]) -> None:
-        """One repetition of the reads into new memory (every such variant, each cold)."""
-        for v in self.fvariants:
+        """One repetition of the reads into new memory (every such variant)."""
+        self._reads(paths, self.fvariants, self.ftimes)
+
+    def _reads(self, paths: Sequence[Path], variants: Sequence[Variant], times: dict[Variant, list[float]]) -> None:
+        """Time each of ``variants`` reading ``paths``, cold every time."""
+        for v in variants:
             evict(paths, drop_caches=self.drop_caches)
             gc.collect()
             t0 = time.perf_counter()
             raw_read(paths, v, self.bufs)
-            self.ftimes.setdefault(v, []).append(time.perf_counter() - t0)
+            times.setdefault(v, []).append(time.perf_counter() - t0)
 
     @staticmethod
     def _best(times: dict[Variant, list[float]]) -> tuple[Variant, float]:
